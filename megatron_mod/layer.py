@@ -1,0 +1,157 @@
+"""The MoD transformer layer: a megatron-core TransformerLayer that only computes kept tokens.
+
+It subclasses ``TransformerLayer`` so that its parameter names (and checkpoints) are those of the
+dense layer plus ``router.weight`` / ``router.bias``: a dense checkpoint loads into a MoD model and
+the HF mapping needs no special case. Forward (DESIGN.md §2):
+
+1. router logits on the local tokens (the SP shard under sequence parallelism), then gathered;
+2. threshold-p or top-k selection on the full sequence (identical on every TP rank);
+3. compact the kept tokens per sequence (original order, original RoPE positions), pad the
+   compact length to a multiple of TP and re-shard it under SP;
+4. run attention + MLP on the compact batch only (causal among kept tokens);
+5. gate, scatter back into the residual stream, re-shard; attach the load-reducing loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.utils import make_viewless_tensor
+
+from megatron_mod.config import MoDConfig
+from megatron_mod.dispatcher import MoDTokenDispatcher
+from megatron_mod.metrics import get_metrics_tracker
+from megatron_mod.router import MoDRouter, attach_load_loss, load_reducing_loss, select_tokens
+
+__all__ = ["MoDTransformerLayer"]
+
+
+class MoDTransformerLayer(TransformerLayer):
+    """A routed transformer layer (attention and MLP skipped together for NoOp tokens).
+
+    Args:
+        config: transformer config of the model.
+        submodules: the dense layer's submodules (from the local or TE spec).
+        layer_number: 1-based layer number within this pipeline stage (megatron convention).
+        hidden_dropout: optional override of ``config.hidden_dropout``.
+        pg_collection: process groups (megatron-core >= 0.14 passes them).
+        vp_stage: virtual pipeline stage.
+        mod_config: routing settings; required.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: TransformerLayerSubmodules,
+        layer_number: int = 1,
+        hidden_dropout: float | None = None,
+        pg_collection=None,
+        vp_stage: int | None = None,
+        mod_config: MoDConfig | None = None,
+    ):
+        if mod_config is None:
+            raise ValueError("MoDTransformerLayer needs a mod_config (MoDConfig)")
+        if config.context_parallel_size > 1:
+            raise ValueError(
+                "context_parallel_size > 1 is not supported by MoD layers: routing compacts whole "
+                "sequences; set context_parallel_size=1"
+            )
+        if config.apply_rope_fusion:
+            raise ValueError(
+                "apply_rope_fusion=True is not supported by MoD layers: kept tokens carry "
+                "per-sequence RoPE positions, which the fused kernel cannot take; set it to False"
+            )
+        super().__init__(
+            config=config,
+            submodules=submodules,
+            layer_number=layer_number,
+            hidden_dropout=hidden_dropout,
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
+        self.mod_config = mod_config
+        self.global_layer_index = self.layer_number - 1
+        self.router = MoDRouter(config, mod_config)
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.dispatcher = MoDTokenDispatcher(
+            pad_to_multiple=tp_size if config.sequence_parallel else 1
+        )
+        # The last routing decision, for inspection by tests and evaluation tools.
+        self.last_keep: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs):
+        """Route, compute the kept tokens, combine.
+
+        Args:
+            hidden_states: [s, b, h] ([s/tp, b, h] under sequence parallelism).
+            **kwargs: the arguments TransformerBlock passes to every layer. ``attention_mask`` is
+                ignored (the compact batch uses the causal mask); inference contexts and packed
+                sequences are not supported here (see ``megatron_mod.inference``).
+
+        Returns:
+            (hidden_states, context) like ``TransformerLayer.forward``.
+        """
+        if kwargs.get("inference_context") is not None or kwargs.get("inference_params"):
+            raise NotImplementedError(
+                "megatron-core inference contexts store K/V for every token; MoD decoding uses "
+                "megatron_mod.inference or the exported HF model's MoD cache"
+            )
+        if kwargs.get("packed_seq_params") is not None:
+            raise NotImplementedError("packed (THD) input is not supported by MoD layers yet")
+        sequence_parallel = self.config.sequence_parallel
+
+        logits = self.router(hidden_states)
+        full_hidden = hidden_states
+        if sequence_parallel:
+            # Every rank then routes the full sequence identically; backward keeps the local
+            # slice of the (identical) full gradient, and the router's grads are summed over TP.
+            logits = gather_from_sequence_parallel_region(logits, tensor_parallel_output_grad=False)
+            full_hidden = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False
+            )
+
+        decision = select_tokens(logits, self.mod_config)
+        self.last_keep = decision.keep
+        coeff = self.mod_config.layer_load_loss_coeff(self.global_layer_index)
+        load_loss, kept_fraction, mean_gate = load_reducing_loss(decision, coeff)
+        get_metrics_tracker().record(self.global_layer_index, kept_fraction, mean_gate, load_loss)
+
+        context = kwargs.get("context")
+        if bool(decision.keep.any()):
+            compact, state = self.dispatcher.dispatch(full_hidden, decision.keep)
+            layer_kwargs = dict(kwargs)
+            layer_kwargs["attention_mask"] = None
+            layer_kwargs["rotary_pos_emb"] = self.dispatcher.compact_rotary(
+                kwargs.get("rotary_pos_emb"), state
+            )
+            for key in ("rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin"):
+                layer_kwargs.pop(key, None)
+            layer_input = (
+                scatter_to_sequence_parallel_region(compact) if sequence_parallel else compact
+            )
+            layer_output, context = super().forward(hidden_states=layer_input, **layer_kwargs)
+            if sequence_parallel:
+                layer_output = gather_from_sequence_parallel_region(
+                    layer_output, tensor_parallel_output_grad=False
+                )
+            output = self.dispatcher.combine(
+                full_hidden, compact, layer_output, decision.gates, state, self.mod_config.gate
+            )
+        else:
+            # Nothing to compute in this micro-batch: the layer is the identity.
+            output = full_hidden
+
+        if sequence_parallel:
+            output = scatter_to_sequence_parallel_region(output)
+        if self.training and coeff > 0 and torch.is_grad_enabled():
+            output = attach_load_loss(output, load_loss)
+        output = make_viewless_tensor(
+            inp=output, requires_grad=output.requires_grad, keep_graph=True
+        )
+        return output, context

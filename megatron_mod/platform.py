@@ -1,0 +1,205 @@
+"""One-call process setup: torch.distributed, megatron-core parallel state, seeds.
+
+On a GPU host this is a thin wrapper over the usual megatron-core calls (NCCL backend,
+``initialize_model_parallel``, ``model_parallel_cuda_manual_seed``). On a host without CUDA it
+also applies a small set of compatibility patches so that megatron-core (which hard-codes
+``"cuda"`` in a handful of places: the global memory buffer, the RNG tracker, pipeline
+schedules, sequence-parallel gathers, rotary embeddings, checkpoint writers) runs on CPU with
+the gloo backend. The patches are applied once per process and never when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["initialize", "destroy", "is_cpu_mode", "apply_cpu_patches", "device"]
+
+_CPU_PATCHED = False
+_CPU_MODE: TorchFunctionMode | None = None
+
+
+def is_cpu_mode() -> bool:
+    """True when the process runs without CUDA (and therefore with the CPU patches)."""
+    return not torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """The device model tensors live on in this process."""
+    if is_cpu_mode():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _is_cuda_device(dev) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    # megatron passes `torch.cuda.current_device()` (an int) as a device.
+    return isinstance(dev, int) and not isinstance(dev, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Redirects tensor placement on CUDA to the CPU.
+
+    megatron-core creates tensors with literal ``device="cuda"`` (or an int from
+    ``torch.cuda.current_device()``) and calls ``.cuda()`` in code paths that are otherwise
+    device-agnostic. Catching those at the torch-function level avoids editing megatron-core.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _make_cpu_rng_tracker_class():
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+        """Megatron's RNG tracker with the same fork semantics, on the CPU generator."""
+
+        def add(self, name, seed):
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    return CpuRNGStatesTracker
+
+
+def apply_cpu_patches() -> None:
+    """Make megatron-core usable on a CUDA-less host. Idempotent; a no-op when CUDA exists."""
+    global _CPU_PATCHED, _CPU_MODE
+    if _CPU_PATCHED or not is_cpu_mode():
+        return
+
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.manual_seed = lambda *a, **k: None
+    torch.cuda.manual_seed_all = lambda *a, **k: None
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    tracker_cls = _make_cpu_rng_tracker_class()
+    mcore_random._CUDA_RNG_STATE_TRACKER = tracker_cls()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # `initialize_rng_tracker(force_reset=True)` would otherwise rebuild a CUDA tracker.
+    original_init = mcore_random.initialize_rng_tracker
+
+    def initialize_rng_tracker(*args, **kwargs):
+        if mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED and isinstance(
+            mcore_random._CUDA_RNG_STATE_TRACKER, tracker_cls
+        ):
+            return
+        original_init(*args, **kwargs)
+
+    mcore_random.initialize_rng_tracker = initialize_rng_tracker
+
+    _CPU_MODE = _CudaToCpuMode()
+    _CPU_MODE.__enter__()
+    _CPU_PATCHED = True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_process_group() -> None:
+    if torch.distributed.is_initialized():
+        return
+    # A single process started with plain `python` still needs a (1-rank) process group.
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "gloo" if is_cpu_mode() else "nccl"
+    if not is_cpu_mode():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group(
+        backend=backend,
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=datetime.timedelta(minutes=10),
+    )
+
+
+def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
+    """Initialise distributed state for a megatron-core run.
+
+    Initialises ``torch.distributed`` (gloo on CPU, NCCL on GPU; works under ``torchrun`` and as a
+    plain single process), megatron-core's model-parallel groups and every RNG (Python, NumPy,
+    torch and megatron's tensor-parallel tracker). On CUDA-less hosts it first applies the CPU
+    compatibility patches.
+
+    Args:
+        tp: tensor-model-parallel size.
+        pp: pipeline-model-parallel size.
+        seed: base seed; tensor-parallel ranks derive their own streams from it.
+
+    Raises:
+        ValueError: if the world size is not divisible by ``tp * pp``.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    apply_cpu_patches()
+    _init_process_group()
+    world = torch.distributed.get_world_size()
+    if tp < 1 or pp < 1 or world % (tp * pp) != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by tensor_model_parallel_size ({tp}) x "
+            f"pipeline_model_parallel_size ({pp}); launch tp*pp*dp processes"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+    )
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    """Tear down model-parallel state and the process group (for tests and clean exits)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,142 @@
+"""MoD router: one logit per token, threshold-p / top-k selection, and the load-reducing loss.
+
+Modelled on megatron-core's MoE router: an fp32 linear map of the hidden state, replicated on
+every tensor-parallel rank and marked ``sequence_parallel`` (like the norms) so that under
+sequence parallelism its gradient, computed on each rank's sequence shard, is summed across TP.
+The load loss is attached to the layer output with megatron-core's ``MoEAuxLossAutoScaler`` so
+that it needs no change to the loss function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_mod.config import MoDConfig
+
+__all__ = [
+    "MoDRouter",
+    "RoutingDecision",
+    "select_tokens",
+    "load_reducing_loss",
+    "attach_load_loss",
+    "set_load_loss_scale",
+]
+
+
+class MoDRouter(MegatronModule):
+    """Linear(hidden -> 1) in fp32: ``logit = w . h + b`` for every token.
+
+    Args:
+        config: the model's transformer config (hidden size, sequence parallelism, device).
+        mod_config: MoD settings (router initialisation).
+    """
+
+    def __init__(self, config: TransformerConfig, mod_config: MoDConfig):
+        super().__init__(config=config)
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(
+            torch.empty(1, config.hidden_size, dtype=torch.float32, device=device)
+        )
+        self.bias = torch.nn.Parameter(torch.empty(1, dtype=torch.float32, device=device))
+        self.mod_config = mod_config
+        self.reset_parameters()
+        # Replicated across TP; under SP each rank sees a sequence shard, so grads must be summed
+        # across TP exactly like layer-norm weights (megatron's DDP/finalize_model_grads does it).
+        for param in (self.weight, self.bias):
+            param.sequence_parallel = config.sequence_parallel
+
+    def reset_parameters(self) -> None:
+        """Small normal weights and a positive bias: every token starts kept with a margin."""
+        with torch.no_grad():
+            if self.mod_config.router_init_std > 0:
+                self.weight.normal_(0.0, self.mod_config.router_init_std)
+            else:
+                self.weight.zero_()
+            self.bias.fill_(self.mod_config.router_init_bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Router logits in fp32.
+
+        Args:
+            hidden_states: [s, b, h] layer input (any dtype).
+
+        Returns:
+            logits: [s, b] float32.
+        """
+        return torch.nn.functional.linear(hidden_states.float(), self.weight, self.bias).squeeze(-1)
+
+
+@dataclass
+class RoutingDecision:
+    """Which tokens a routed layer computes, and their gates."""
+
+    keep: torch.Tensor
+    """[s, b] bool: True where the token goes through the layer."""
+
+    gates: torch.Tensor
+    """[s, b] float32: g = sigmoid(logit), with gradient to the router."""
+
+
+def select_tokens(logits: torch.Tensor, mod_config: MoDConfig) -> RoutingDecision:
+    """Turn router logits into a keep mask.
+
+    threshold-p keeps ``g >= p`` token by token (causal by construction). top-k keeps the
+    ``ceil(c * S)`` largest logits of each sequence (the original MoD baseline; not causal).
+
+    Args:
+        logits: [s, b] router logits for the whole sequence.
+        mod_config: routing mode, threshold and capacity.
+    """
+    gates = torch.sigmoid(logits)
+    if mod_config.routing == "threshold":
+        keep = gates.detach() >= mod_config.threshold
+    else:
+        seq_len = logits.shape[0]
+        k = min(seq_len, max(1, math.ceil(mod_config.capacity * seq_len)))
+        top = torch.topk(logits.detach(), k, dim=0).indices
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(0, top, True)
+    return RoutingDecision(keep=keep, gates=gates)
+
+
+def load_reducing_loss(
+    decision: RoutingDecision, coeff: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's term of R = alpha * sum_j F_j * G_j.
+
+    Args:
+        decision: the layer's routing (all tokens of the micro-batch, full sequence).
+        coeff: alpha for this layer.
+
+    Returns:
+        (loss, kept_fraction F_j without gradient, mean_gate G_j with gradient).
+    """
+    kept_fraction = decision.keep.float().mean()
+    mean_gate = decision.gates.mean()
+    return coeff * kept_fraction * mean_gate, kept_fraction, mean_gate
+
+
+def attach_load_loss(output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """Make ``loss`` contribute its gradient when ``output`` is back-propagated."""
+    return MoEAuxLossAutoScaler.apply(output, loss)
+
+
+def set_load_loss_scale(num_microbatches: int, grad_scale: float = 1.0) -> None:
+    """Set the backward scale of the load loss to match the main loss.
+
+    megatron-core's pipeline schedule sets this scale only for MoE models (``num_moe_experts``),
+    and otherwise the load-loss gradient would not be divided by the number of micro-batches.
+    Call this before each ``forward_backward_func`` call (the trainer does).
+
+    Args:
+        num_microbatches: micro-batches accumulated in the step.
+        grad_scale: the main loss's scale (mixed-precision loss scaling), 1.0 in fp32/bf16.
+    """
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(grad_scale / num_microbatches))
