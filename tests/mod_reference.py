@@ -1,0 +1,81 @@
+"""An independent pure-torch MoD layer, written from the method's definition (DESIGN.md §1–2).
+
+It shares no code with megatron_mod or megatron-core's layer: it reads the weights of a
+megatron TransformerLayer and recomputes RMSNorm, GQA attention with rotate-half RoPE at the
+kept tokens' original positions, causal attention among kept tokens only, SwiGLU, and the gate,
+one sequence at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rms_norm(x, weight, eps):
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rope(x, positions, base, dim):
+    """x: [t, heads, dim]; rotate-half RoPE at integer positions [t]."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
+    x1, x2 = x[..., : dim // 2], x[..., dim // 2 :]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * emb.cos() + rotated * emb.sin()
+
+
+def dense_layer_on_tokens(layer, h, positions, rotary_base):
+    """Run a megatron TransformerLayer's math on one sequence's tokens h [t, hidden]."""
+    cfg = layer.config
+    heads, groups = cfg.num_attention_heads, cfg.num_query_groups
+    head_dim = cfg.kv_channels
+    q_per_group = heads // groups
+    eps = cfg.layernorm_epsilon
+    sd = {k: v.detach() for k, v in layer.state_dict().items() if v is not None}
+
+    x = rms_norm(h, sd["input_layernorm.weight"], eps)
+    qkv = x @ sd["self_attention.linear_qkv.weight"].t()
+    qkv = qkv.view(h.shape[0], groups, (q_per_group + 2) * head_dim)
+    q = qkv[..., : q_per_group * head_dim].reshape(h.shape[0], heads, head_dim)
+    k = qkv[..., q_per_group * head_dim : (q_per_group + 1) * head_dim]
+    v = qkv[..., (q_per_group + 1) * head_dim :]
+    q = rope(q, positions, rotary_base, head_dim)
+    k = rope(k, positions, rotary_base, head_dim)
+    k = k.repeat_interleave(q_per_group, dim=1)
+    v = v.repeat_interleave(q_per_group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(head_dim)
+    causal = torch.ones(h.shape[0], h.shape[0], dtype=torch.bool).triu(1)
+    probs = scores.masked_fill(causal, float("-inf")).softmax(-1)
+    attn = torch.einsum("hqk,khd->qhd", probs, v).reshape(h.shape[0], heads * head_dim)
+    h = h + attn @ sd["self_attention.linear_proj.weight"].t()
+
+    x = rms_norm(h, sd["pre_mlp_layernorm.weight"], eps)
+    gate, up = (x @ sd["mlp.linear_fc1.weight"].t()).chunk(2, dim=-1)
+    return h + (torch.nn.functional.silu(gate) * up) @ sd["mlp.linear_fc2.weight"].t()
+
+
+def mod_layer_reference(layer, hidden, rotary_base, threshold, gate_mode, keep=None):
+    """Reference forward of a routed layer on hidden [s, b, h] -> ([s, b, h], keep [s, b])."""
+    w = layer.router.weight.detach()
+    b = layer.router.bias.detach()
+    logits = hidden.float() @ w.t().squeeze(-1) + b
+    gates = torch.sigmoid(logits)
+    if keep is None:
+        keep = gates >= threshold
+    out = hidden.clone()
+    for col in range(hidden.shape[1]):
+        idx = keep[:, col].nonzero().squeeze(-1)
+        if idx.numel() == 0:
+            continue
+        h_kept = hidden[idx, col]
+        y = dense_layer_on_tokens(layer, h_kept, idx, rotary_base)
+        g = gates[idx, col][:, None].to(hidden.dtype)
+        if gate_mode == "scale":
+            out[idx, col] = h_kept + g * (y - h_kept)
+        else:
+            out[idx, col] = y
+    return out, keep
