@@ -104,7 +104,9 @@ def apply_cpu_patches() -> None:
     if _CPU_PATCHED or not is_cpu_mode():
         return
 
-    torch.cuda.current_device = lambda: 0
+    # "cpu" rather than an index: megatron passes current_device() straight into `device=`, also
+    # inside autograd backward functions, where a TorchFunctionMode is not active.
+    torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.manual_seed = lambda *a, **k: None
     torch.cuda.manual_seed_all = lambda *a, **k: None
