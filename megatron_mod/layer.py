@@ -38,22 +38,18 @@ class MoDTransformerLayer(TransformerLayer):
     Args:
         config: transformer config of the model.
         submodules: the dense layer's submodules (from the local or TE spec).
-        layer_number: 1-based layer number within this pipeline stage (megatron convention).
-        hidden_dropout: optional override of ``config.hidden_dropout``.
-        pg_collection: process groups (megatron-core >= 0.14 passes them).
-        vp_stage: virtual pipeline stage.
+        *args: TransformerLayer's other arguments (layer_number, hidden_dropout, ...).
         mod_config: routing settings; required.
+        **kwargs: TransformerLayer's other keyword arguments (pg_collection, vp_stage, ...).
     """
 
     def __init__(
         self,
         config: TransformerConfig,
         submodules: TransformerLayerSubmodules,
-        layer_number: int = 1,
-        hidden_dropout: float | None = None,
-        pg_collection=None,
-        vp_stage: int | None = None,
+        *args,
         mod_config: MoDConfig | None = None,
+        **kwargs,
     ):
         if mod_config is None:
             raise ValueError("MoDTransformerLayer needs a mod_config (MoDConfig)")
@@ -67,14 +63,9 @@ class MoDTransformerLayer(TransformerLayer):
                 "apply_rope_fusion=True is not supported by MoD layers: kept tokens carry "
                 "per-sequence RoPE positions, which the fused kernel cannot take; set it to False"
             )
-        super().__init__(
-            config=config,
-            submodules=submodules,
-            layer_number=layer_number,
-            hidden_dropout=hidden_dropout,
-            pg_collection=pg_collection,
-            vp_stage=vp_stage,
-        )
+        # Remaining arguments (layer_number, hidden_dropout, pg_collection, vp_stage, and whatever
+        # newer megatron-core versions add) go to TransformerLayer unchanged.
+        super().__init__(config, submodules, *args, **kwargs)
         self.mod_config = mod_config
         self.global_layer_index = self.layer_number - 1
         self.router = MoDRouter(config, mod_config)
