@@ -735,13 +735,16 @@ def _hf_config_dict(
         ),
         hidden_act="silu",
         tie_word_embeddings=False,
-        torch_dtype=dtype_name(dtype),
         rope_scaling=None,
         attention_bias=False,
         mlp_bias=False,
     )
     for key in ("_name_or_path", "transformers_version", "auto_map", "_commit_hash"):
         cfg.pop(key, None)
+    # transformers >= 4.56 calls it "dtype", older versions "torch_dtype": keep the installed name.
+    dtype_key = "dtype" if "dtype" in cfg else "torch_dtype"
+    cfg.pop("torch_dtype", None)
+    cfg[dtype_key] = dtype_name(dtype)
     cfg = {k: v for k, v in cfg.items() if not k.startswith("mod_")}
     if mod is None:
         cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
