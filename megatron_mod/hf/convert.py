@@ -236,7 +236,13 @@ class HFCheckpointReader:
                 from safetensors import safe_open
 
                 with safe_open(self.hf_dir / file, framework="pt") as f:
+                    present = set(f.keys())
                     for name in names:
+                        if name not in present:
+                            raise ConversionError(
+                                f"{self.hf_dir / file}: tensor {name} is listed in the index but "
+                                "not stored in this file; the checkpoint is incomplete"
+                            )
                         sl = f.get_slice(name)
                         dtype = _SAFETENSORS_TO_TORCH.get(sl.get_dtype(), None)
                         out[name] = (tuple(sl.get_shape()), dtype, file)
@@ -528,7 +534,7 @@ def convert_hf_to_megatron(
         ConversionError: bad input (nothing is written).
     """
     from megatron.core import parallel_state
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
     from megatron_mod import platform
 
@@ -613,7 +619,10 @@ def convert_hf_to_megatron(
                 if tuple(data.shape) != tuple(item.data.shape):
                     raise RuntimeError(f"{name}: mapped shape {tuple(data.shape)} != model's")
                 summary.bytes_written += data.numel() * data.element_size()
-                items[name] = dataclasses.replace(item, data=data)
+                if isinstance(item, ShardedTensor):
+                    items[name] = dataclasses.replace(item, data=data, dtype=data.dtype)
+                else:  # ShardedTensorFactory: the tensors it builds take the data's dtype
+                    items[name] = dataclasses.replace(item, data=data)
             writer.write_part(items)
             del items
         writer.finalize()

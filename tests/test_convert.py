@@ -1,0 +1,551 @@
+"""HF LLaMA <-> megatron-mod conversion: mapping facts, round trips, parity, streaming, bad input.
+
+The source model is a random tiny ``transformers.LlamaForCausalLM`` with the shape choices of the
+real targets (GQA: 8 heads / 2 KV heads, 4 layers, hidden 64, untied embeddings) and a vocabulary
+of 250 so that padding to 256 is exercised. Multi-rank loads (TP/PP 1-2) run under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_mod.config import MoDConfig
+from megatron_mod.hf import mapping as M
+
+REPO = Path(__file__).resolve().parents[1]
+DIST_SCRIPT = Path(__file__).parent / "distributed" / "convert_load_check.py"
+VOCAB, PADDED = 250, 256
+HF_MODELING = REPO / "megatron_mod" / "hf" / "modeling_llama_mod.py"
+P0 = MoDConfig(gate="straight_through", threshold=0.0, routed_layers="all")
+# Routers with a fixed random direction and bias 0: roughly half of the tokens skip each layer.
+ROUTED = MoDConfig(threshold=0.5, routed_layers="all", router_init_std=2.0, router_init_bias=0.0)
+
+needs_hf_mod = pytest.mark.skipif(
+    not HF_MODELING.is_file(), reason="megatron_mod/hf/modeling_llama_mod.py not present"
+)
+
+
+def _dims(vocab=VOCAB, padded=PADDED) -> M.LlamaDims:
+    return M.LlamaDims(4, 64, 8, 2, 8, 176, vocab, padded)
+
+
+def _hf_config(**overrides):
+    from transformers import LlamaConfig
+
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def _save_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(out)
+
+
+def _make_hf(out: Path, seed=0, max_shard_size="60KB", **overrides):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_hf_config(**overrides)).eval()
+    with torch.no_grad():  # non-trivial norms, so a swapped norm would show
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.2)
+            elif "embed" in name or "lm_head" in name:
+                param.normal_(0.0, 1.0)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+    _save_tokenizer(out)
+    return model
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, mcore):
+    """The HF source, reference logits, and the p=0 / routed Megatron checkpoints."""
+    from megatron_mod.hf.convert import convert_hf_to_megatron
+
+    root = tmp_path_factory.mktemp("convert")
+    hf = _make_hf(root / "hf")
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+    torch.save(tokens, root / "tokens.pt")
+    convert_hf_to_megatron(root / "hf", root / "ck_p0", tp=2, pp=2, mod_config=P0, progress=False)
+    convert_hf_to_megatron(
+        root / "hf", root / "ck_routed", tp=2, pp=1, mod_config=ROUTED, progress=False
+    )
+    return dict(root=root, hf=hf, tokens=tokens, ref=ref)
+
+
+def _megatron_logits(ckpt, tokens, **kwargs):
+    from megatron_mod.checkpointing import load_model_checkpoint
+    from megatron_mod.layer import MoDTransformerLayer
+
+    model, metadata = load_model_checkpoint(ckpt, **kwargs)
+    model.eval()
+    positions = torch.arange(tokens.shape[1])[None].expand(tokens.shape[0], -1)
+    with torch.no_grad():
+        logits = model(tokens, positions, None)
+    kept = {
+        m.global_layer_index: float(m.last_keep.float().mean())
+        for m in model.modules()
+        if isinstance(m, MoDTransformerLayer)
+    }
+    return logits, kept, metadata
+
+
+# ------------------------------------------------------------------------------ mapping facts
+
+
+def test_padded_vocab_size():
+    assert M.padded_vocab_size(250, 1) == 256
+    assert M.padded_vocab_size(250, 2) == 256
+    assert M.padded_vocab_size(250, 4) == 512
+    assert M.padded_vocab_size(32000, 1) == 32000
+    assert M.padded_vocab_size(32000, 8) == 32768
+    assert M.padded_vocab_size(256, 1) == 256
+
+
+def test_qkv_is_fused_per_query_group_and_tp_splits_by_group():
+    dims = _dims()
+    hd, hpg = dims.head_dim, dims.heads_per_group
+    q = torch.arange(64 * 64, dtype=torch.float32).reshape(64, 64)
+    k = -torch.arange(16 * 64, dtype=torch.float32).reshape(16, 64) - 1
+    v = 1e6 + torch.arange(16 * 64, dtype=torch.float32).reshape(16, 64)
+    qkv = M.fuse_qkv(q, k, v, dims)
+    assert qkv.shape == (dims.qkv_rows, 64) == (96, 64)
+    rows = (hpg + 2) * hd  # 48 rows per group: 4 q heads, 1 k head, 1 v head
+    for g in range(2):
+        block = qkv[g * rows : (g + 1) * rows]
+        assert torch.equal(block[: hpg * hd], q[g * hpg * hd : (g + 1) * hpg * hd])
+        assert torch.equal(block[hpg * hd : hpg * hd + hd], k[g * hd : (g + 1) * hd])
+        assert torch.equal(block[hpg * hd + hd :], v[g * hd : (g + 1) * hd])
+    for got, want in zip(M.split_qkv(qkv, dims), (q, k, v)):
+        assert torch.equal(got, want)
+    # TP=2: rank r holds exactly query group r.
+    assert torch.equal(
+        M.tp_shard("decoder.layers.0.self_attention.linear_qkv.weight", qkv, 2, 1, dims), qkv[rows:]
+    )
+
+
+def test_fc1_is_gate_then_up_and_each_tp_rank_holds_its_gate_then_its_up():
+    dims = _dims()
+    gate, up = torch.randn(176, 64), torch.randn(176, 64)
+    fc1 = M.fuse_gate_up(gate, up)
+    assert torch.equal(fc1[:176], gate) and torch.equal(fc1[176:], up)
+    shard = M.tp_shard("decoder.layers.2.mlp.linear_fc1.weight", fc1, 2, 1, dims)
+    assert torch.equal(shard, torch.cat([gate[88:], up[88:]]))
+    assert all(torch.equal(a, b) for a, b in zip(M.split_gate_up(fc1), (gate, up)))
+
+
+def test_vocab_padding_repeats_last_row_and_export_trims():
+    dims = _dims()
+    emb = torch.randn(VOCAB, 64)
+    mapping = M.param_mappings(dims)[0]
+    padded = mapping.to_megatron([emb])
+    assert padded.shape == (PADDED, 64)
+    assert torch.equal(padded[:VOCAB], emb) and torch.equal(padded[VOCAB:], emb[-1:].expand(6, -1))
+    assert torch.equal(mapping.to_hf(padded)[0], emb)
+
+
+def test_te_names_and_checkpoint_keys():
+    name = "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"
+    assert M.canonical_megatron_name(name) == "decoder.layers.3.input_layernorm.weight"
+    assert M.checkpoint_key("decoder.layers.3.pre_mlp_layernorm.weight") == (
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+        3,
+    )
+    assert M.checkpoint_key("decoder.layers.1.router.bias") == (
+        "decoder.layers.1.router.bias",
+        None,
+    )
+    assert M.checkpoint_key("output_layer.weight") == ("output_layer.weight", None)
+
+
+def test_mapping_covers_every_megatron_parameter(mcore):
+    from megatron_mod.models import build_gpt_model, llama_config
+
+    model = build_gpt_model(llama_config("tiny"), MoDConfig(), vocab_size=PADDED, max_seq_len=32)
+    dims = _dims()
+    mappings = {m.megatron_name: m for m in M.param_mappings(dims, [1, 3])}
+    params = dict(model.named_parameters())
+    assert set(params) == set(mappings)
+    for name, param in params.items():
+        assert tuple(param.shape) == mappings[name].megatron_shape, name
+
+
+# ------------------------------------------------------------------------------ checkpoint format
+
+
+def test_checkpoint_layout_and_stored_keys(work):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_mod.checkpointing import read_checkpoint_metadata
+
+    ck = work["root"] / "ck_p0"
+    assert (ck / "latest").read_text().strip() == "iter_0000000"
+    assert sorted(os.listdir(ck / "tokenizer")) == sorted(
+        f for f in os.listdir(work["root"] / "hf") if f.startswith(("tokenizer", "special"))
+    )
+    md = read_checkpoint_metadata(ck)
+    assert (md.vocab_size, md.padded_vocab_size) == (VOCAB, PADDED)
+    assert (md.tensor_model_parallel_size, md.pipeline_model_parallel_size) == (2, 2)
+    assert md.mod_config == P0 and md.tokenizer_dir == "tokenizer"
+    stored = FileSystemReader(str(ck / "iter_0000000")).read_metadata().state_dict_metadata
+    tensors = {k: v.size for k, v in stored.items() if hasattr(v, "chunks")}
+    expected = {}
+    for mapping in M.param_mappings(_dims(), list(range(4))):
+        key, layer = M.checkpoint_key(mapping.megatron_name)
+        expected[key] = ((4,) if layer is not None else ()) + mapping.megatron_shape
+    assert {k: tuple(v) for k, v in tensors.items()} == expected
+    assert expected["decoder.layers.self_attention.linear_qkv.layer_norm_weight"] == (4, 64)
+    assert expected["decoder.layers.mlp.linear_fc1.weight"] == (4, 352, 64)
+
+
+def test_import_logits_match_hf_single_process(work):
+    logits, kept, _ = _megatron_logits(work["root"] / "ck_p0", work["tokens"])
+    assert logits.shape[-1] == PADDED
+    assert (logits[..., :VOCAB] - work["ref"]).abs().max() <= 1e-4
+    assert kept == {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0}
+
+
+def test_dense_export_reloads_as_stock_llama(work):
+    from transformers import LlamaForCausalLM
+
+    from megatron_mod.hf.convert import convert_megatron_to_hf
+
+    out = work["root"] / "hf_dense"
+    convert_megatron_to_hf(
+        work["root"] / "ck_p0", out, dense=True, max_shard_size="40KB", progress=False
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert "auto_map" not in config and not any(k.startswith("mod_") for k in config)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert not any("router" in k for k in index["weight_map"])
+    assert (out / "tokenizer.json").is_file() and not (out / "modeling_llama_mod.py").exists()
+    model = LlamaForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = model(work["tokens"]).logits
+    assert (logits - work["ref"]).abs().max() == 0  # fp32 all the way: bitwise round trip
+    original = work["hf"].state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+
+
+@needs_hf_mod
+def test_mod_export_layout(work):
+    from safetensors import safe_open
+
+    from megatron_mod.hf.convert import MOD_AUTO_MAP, convert_megatron_to_hf
+
+    out = work["root"] / "hf_mod_bf16"
+    convert_megatron_to_hf(work["root"] / "ck_routed", out, dtype="bf16", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama_mod" and config["auto_map"] == MOD_AUTO_MAP
+    assert config["mod_routed_layers"] == [0, 1, 2, 3] and config["mod_threshold"] == 0.5
+    assert config["vocab_size"] == VOCAB
+    for name in ("configuration_llama_mod.py", "modeling_llama_mod.py", "tokenizer.json"):
+        assert (out / name).is_file()
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert f.get_tensor("model.layers.0.router.weight").dtype == torch.float32
+        assert f.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == torch.bfloat16
+        assert f.get_tensor("lm_head.weight").shape == (VOCAB, 64)
+
+
+@needs_hf_mod
+def test_mod_export_p0_matches_hf_base(work):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_mod.hf.convert import convert_megatron_to_hf
+
+    out = work["root"] / "hf_mod_p0"
+    convert_megatron_to_hf(work["root"] / "ck_p0", out, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(model).__name__ == "LlamaModForCausalLM"
+    with torch.no_grad():
+        logits = model(work["tokens"]).logits
+    assert (logits - work["ref"]).abs().max() <= 1e-4
+
+
+@needs_hf_mod
+def test_routed_megatron_matches_exported_hf_mod_model(work):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_mod.hf.convert import convert_megatron_to_hf
+
+    logits, kept, _ = _megatron_logits(work["root"] / "ck_routed", work["tokens"])
+    assert all(0.1 < f < 0.9 for f in kept.values()), kept  # routing really skips tokens
+    out = work["root"] / "hf_mod_routed"
+    convert_megatron_to_hf(work["root"] / "ck_routed", out, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        hf_logits = model(work["tokens"]).logits
+    assert (hf_logits - logits[..., :VOCAB]).abs().max() <= 1e-4
+    assert (logits[..., :VOCAB] - work["ref"]).abs().max() > 1e-2  # routing changed the output
+    hf_kept = _hf_kept_fractions(model, work["tokens"])
+    assert hf_kept == pytest.approx(kept, abs=1e-6)
+
+
+def _hf_kept_fractions(model, tokens) -> dict[int, float]:
+    """Per-layer kept fraction of the HF MoD model, from its routers (g >= p on layer inputs)."""
+    fractions = {}
+    hooks = []
+    threshold = model.config.mod_threshold
+    for i, layer in enumerate(model.model.layers):
+        router = getattr(layer, "router", None)
+        if router is None:
+            continue
+
+        def hook(module, args, output, i=i):
+            logits = output.float().reshape(-1)
+            fractions[i] = float((torch.sigmoid(logits) >= threshold).float().mean())
+
+        hooks.append(router.register_forward_hook(hook))
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    return fractions
+
+
+@needs_hf_mod
+def test_roundtrip_from_exported_mod_checkpoint_keeps_routers(work, tmp_path):
+    """A llama_mod export imports back with its router weights (source routers are used)."""
+    from megatron_mod.hf.convert import convert_hf_to_megatron, convert_megatron_to_hf
+
+    exported = tmp_path / "hf_mod"
+    convert_megatron_to_hf(work["root"] / "ck_routed", exported, progress=False)
+    config = json.loads((exported / "config.json").read_text())
+    config["architectures"] = ["LlamaModForCausalLM"]
+    (exported / "config.json").write_text(json.dumps(config))
+    summary = convert_hf_to_megatron(
+        exported, tmp_path / "ck2", mod_config=ROUTED, seed=999, progress=False
+    )
+    assert any("taken from the source" in n for n in summary.notes)
+    a, _, _ = _megatron_logits(work["root"] / "ck_routed", work["tokens"])
+    b, _, _ = _megatron_logits(tmp_path / "ck2", work["tokens"])
+    assert torch.equal(a, b)
+
+
+def test_tied_embeddings_are_untied_on_import(tmp_path, mcore):
+    from megatron_mod.hf.convert import convert_hf_to_megatron
+
+    hf = _make_hf(tmp_path / "hf", seed=3, tie_word_embeddings=True)
+    tokens = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
+    summary = convert_hf_to_megatron(
+        tmp_path / "hf", tmp_path / "ck", mod_config=P0, progress=False
+    )
+    assert any("tied" in n for n in summary.notes)
+    logits, _, _ = _megatron_logits(tmp_path / "ck", tokens)
+    with torch.no_grad():
+        assert (logits[..., :VOCAB] - hf(tokens).logits).abs().max() <= 1e-4
+
+
+def test_bf16_import_stores_bf16_and_keeps_routers_fp32(work, tmp_path):
+    from megatron_mod.checkpointing import checkpoint_tensor_dtypes
+    from megatron_mod.hf.convert import convert_hf_to_megatron
+
+    convert_hf_to_megatron(
+        work["root"] / "hf", tmp_path / "ck", mod_config=MoDConfig(), dtype="bf16", progress=False
+    )
+    dtypes = checkpoint_tensor_dtypes(tmp_path / "ck" / "iter_0000000")
+    assert dtypes["decoder.layers.1.router.weight"] == torch.float32
+    assert dtypes["decoder.layers.self_attention.linear_qkv.weight"] == torch.bfloat16
+    # An fp32 model loads the bf16 checkpoint (dist_checkpointing casts on load).
+    logits, _, metadata = _megatron_logits(tmp_path / "ck", work["tokens"])
+    assert metadata.params_dtype == "bfloat16" and torch.isfinite(logits).all()
+
+
+# ------------------------------------------------------------------------------ CLI and bad input
+
+
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _subprocess_env() -> dict[str, str]:
+    """This process's env without the torch.distributed variables platform.initialize set."""
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    return dict(env, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+def _cli(tool: str, *args: str) -> subprocess.CompletedProcess:
+    env = _subprocess_env()
+    cmd = [sys.executable, str(REPO / "tools" / tool), "--no-progress", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_import_and_nonempty_out_dir_refused(work, tmp_path):
+    out = tmp_path / "ck"
+    hf = str(work["root"] / "hf")
+    flags = ["--tp", "2", "--mod-threshold", "0.25", "--mod-routed-layers", "1,3"]
+    proc = _cli("convert_hf_to_megatron.py", "--hf-dir", hf, "--out-dir", str(out), *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "HF -> Megatron" in proc.stdout and "peak RSS" in proc.stdout
+    md = json.loads((out / "megatron_mod_config.json").read_text())
+    assert md["mod"]["threshold"] == 0.25 and md["mod"]["routed_layers"] == [1, 3]
+    before = sorted(p.name for p in out.rglob("*"))
+    proc = _cli("convert_hf_to_megatron.py", "--hf-dir", hf, "--out-dir", str(out))
+    assert proc.returncode == 2 and "--out-dir" in proc.stderr and "--overwrite" in proc.stderr
+    assert sorted(p.name for p in out.rglob("*")) == before
+    hf_out = tmp_path / "hf_out"
+    hf_out.mkdir()
+    (hf_out / "keep.txt").write_text("x")
+    proc = _cli("convert_megatron_to_hf.py", "--ckpt-dir", str(out), "--out-dir", str(hf_out))
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert os.listdir(hf_out) == ["keep.txt"]
+
+
+def _variant(work, tmp_path, edit_config=None, edit_tensors=None) -> Path:
+    """A single-file copy of the HF source with an edited config and/or tensors."""
+    from safetensors.torch import save_file
+
+    src, dst = work["root"] / "hf", tmp_path / "hf_bad"
+    dst.mkdir()
+    config = json.loads((src / "config.json").read_text())
+    if edit_config:
+        edit_config(config)
+    (dst / "config.json").write_text(json.dumps(config))
+    tensors = {k: v.contiguous() for k, v in work["hf"].state_dict().items()}
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def _assert_nothing_written(out: Path):
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+@pytest.mark.parametrize(
+    "case, kwargs, match",
+    [
+        ("missing", {}, r"model\.layers\.2\.mlp\.up_proj\.weight is missing"),
+        ("shape", {}, r"self_attn\.k_proj\.weight has shape \[8, 64\], expected \[16, 64\]"),
+        ("tp", {"tp": 4}, r"--tp 4 does not divide num_key_value_heads=2.*use one of \[1, 2\]"),
+        ("pp", {"pp": 3}, r"--pp 3 does not divide num_hidden_layers=4"),
+        ("arch", {}, r"architectures=\['MistralForCausalLM'\] is not supported"),
+        ("rope", {}, r"rope_scaling=.* is not supported"),
+        ("layers", {"mod_config": MoDConfig(routed_layers=[1, 7])}, r"--mod-routed-layers.*\[7\]"),
+    ],
+)
+def test_bad_input_is_refused_before_writing(work, tmp_path, case, kwargs, match):
+    from megatron_mod.hf.convert import ConversionError, convert_hf_to_megatron
+
+    edits = {
+        "missing": dict(edit_tensors=lambda t: t.pop("model.layers.2.mlp.up_proj.weight")),
+        "shape": dict(
+            edit_tensors=lambda t: t.update(
+                {"model.layers.1.self_attn.k_proj.weight": torch.zeros(8, 64)}
+            )
+        ),
+        "arch": dict(edit_config=lambda c: c.update(architectures=["MistralForCausalLM"])),
+        "rope": dict(edit_config=lambda c: c.update(rope_scaling={"type": "linear", "factor": 2})),
+    }
+    hf_dir = _variant(work, tmp_path, **edits.get(case, {}))
+    out = tmp_path / "out"
+    kwargs = {"mod_config": MoDConfig(), **kwargs}
+    with pytest.raises(ConversionError, match=match) as err:
+        convert_hf_to_megatron(hf_dir, out, progress=False, **kwargs)
+    if case in ("missing", "shape"):
+        assert str(hf_dir) in str(err.value)  # names the file
+    _assert_nothing_written(out)
+
+
+def test_failure_midway_leaves_no_output(work, tmp_path, monkeypatch):
+    from megatron_mod.checkpointing import StreamingCheckpointWriter
+    from megatron_mod.hf.convert import convert_hf_to_megatron
+
+    calls = []
+    original = StreamingCheckpointWriter.write_part
+
+    def failing(self, part):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full (simulated)")
+        return original(self, part)
+
+    monkeypatch.setattr(StreamingCheckpointWriter, "write_part", failing)
+    out = tmp_path / "ck"
+    with pytest.raises(OSError, match="simulated"):
+        convert_hf_to_megatron(work["root"] / "hf", out, mod_config=P0, progress=False)
+    _assert_nothing_written(out)
+
+
+def test_overwrite_replaces_output(work, tmp_path):
+    from megatron_mod.hf.convert import convert_megatron_to_hf
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "stale.bin").write_text("old")
+    convert_megatron_to_hf(work["root"] / "ck_p0", out, dense=True, overwrite=True, progress=False)
+    assert not (out / "stale.bin").exists() and (out / "model.safetensors").is_file()
+    _assert_nothing_written(tmp_path / "nothing")  # no stray temp dirs next to the output
+
+
+def test_export_of_unconverted_dir_names_the_missing_config(tmp_path):
+    from megatron_mod.hf.convert import convert_megatron_to_hf
+
+    with pytest.raises(FileNotFoundError, match="megatron_mod_config.json"):
+        convert_megatron_to_hf(tmp_path, tmp_path / "out", progress=False)
+
+
+# ------------------------------------------------------------------------------ multi-rank loads
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(work, tp: int, pp: int, out: Path) -> dict[str, dict]:
+    out.mkdir()
+    root = work["root"]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={tp * pp}",
+        f"--master_port={_free_port()}", str(DIST_SCRIPT), "--tp", str(tp), "--pp", str(pp),
+        "--hf-dir", str(root / "hf"), "--tokens", str(root / "tokens.pt"), "--out", str(out),
+        "--ckpt", f"p0={root / 'ck_p0'}", "--ckpt", f"routed={root / 'ck_routed'}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return {n: torch.load(out / f"{n}.pt", weights_only=True) for n in ("p0", "routed")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)])
+def test_multi_rank_load_matches_hf_and_single_process(work, tmp_path, tp, pp):
+    results = _torchrun(work, tp, pp, tmp_path / "out")
+    p0, routed = results["p0"], results["routed"]
+    assert p0["params_checked"] > 0  # every local tensor equals mapping.tp_shard(HF tensor)
+    assert (p0["logits"][..., :VOCAB] - work["ref"]).abs().max() <= 1e-4
+    single, kept, _ = _megatron_logits(work["root"] / "ck_routed", work["tokens"])
+    assert (routed["logits"] - single).abs().max() <= 1e-4
+    assert routed["kept"] == pytest.approx(kept, abs=1e-6)
+    assert all(0.1 < f < 0.9 for f in kept.values())
