@@ -264,7 +264,7 @@ def build_config(args, num_layers: int):
 
 
 def mod_variants(capacities: list[float]) -> list[tuple[str, float, object]]:
-    """(label, kept fraction, MoDConfig-factory kwargs) of every MoD variant timed."""
+    """(label, kept fraction, MoDConfig) of every MoD variant timed."""
     from megatron_mod.config import MoDConfig
 
     variants = [
@@ -348,9 +348,36 @@ def model_step(model, tokens, positions, labels):
 # --------------------------------------------------------------------------- measurements
 
 
-def rows_from(dense: Case, mods: list[Case], ideals: list[float], seq: int, kind: str):
+def layer_flops(args, tokens: int) -> float:
+    """Forward matmul FLOPs of one LLaMA layer on ``tokens`` tokens of one sequence (x batch).
+
+    Linear layers scale with the token count; megatron's local attention computes the full
+    square score matrix (then masks it), so attention scales with its square. Backward is twice
+    the forward for every matmul, so ratios of this count are the fwd+bwd FLOP ratios.
+    """
+    h, kv = args.hidden, args.hidden // args.heads * args.query_groups
+    linear = 2 * h * (h + 2 * kv) + 2 * h * h + 2 * 3 * h * args.ffn_hidden
+    attention = 2 * 2 * tokens * tokens * h
+    return args.batch * (tokens * linear + attention)
+
+
+def flop_ideal(args, seq: int, mod_cfg, num_layers: int, with_head: bool) -> float:
+    """MoD / dense matmul FLOPs: the speed-up a perfect implementation would show.
+
+    For a whole model the unrouted LM head (``2 * h * vocab`` per token) is included.
+    """
+    kept = 1.0 if mod_cfg.routing == "threshold" else mod_cfg.capacity
+    routed = set(mod_cfg.routed_layer_indices(num_layers))
+    head = 2 * args.hidden * args.vocab * seq * args.batch if with_head else 0.0
+    k = min(seq, max(1, math.ceil(kept * seq)))
+    mod = sum(layer_flops(args, k if i in routed else seq) for i in range(num_layers))
+    return (mod + head) / (num_layers * layer_flops(args, seq) + head)
+
+
+def rows_from(dense: Case, mods: list[Case], ideals, flop_ideals, seq: int, kind: str):
+    """Table rows of one sequence length: MoD vs dense medians, ideals and overheads."""
     rows = []
-    for case, ideal in zip(mods, ideals):
+    for case, ideal, fideal in zip(mods, ideals, flop_ideals):
         ratio = case.median_ms / dense.median_ms
         rows.append(
             dict(
@@ -364,6 +391,7 @@ def rows_from(dense: Case, mods: list[Case], ideals: list[float], seq: int, kind
                 ideal=round(ideal, 4),
                 ratio_over_ideal=round(ratio / ideal, 4),
                 overhead=round(ratio - ideal, 4),
+                flop_ideal=round(fideal, 4),
                 dense_ms_all=[round(t, 3) for t in dense.times_ms],
                 mod_ms_all=[round(t, 3) for t in case.times_ms],
             )
@@ -396,7 +424,8 @@ def measure_layers(args, sync) -> list[dict]:
         ]
         t0 = time.perf_counter()
         time_interleaved([dense_case, *mod_cases], args.repeats, args.warmup, sync)
-        rows += rows_from(dense_case, mod_cases, [v[1] for v in variants], seq, "layer")
+        fl = [flop_ideal(args, seq, v[2], 1, with_head=False) for v in variants]
+        rows += rows_from(dense_case, mod_cases, [v[1] for v in variants], fl, seq, "layer")
         print(f"  layer seq={seq}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return rows
 
@@ -502,7 +531,8 @@ def measure_models(args, sync) -> list[dict]:
         ]
         t0 = time.perf_counter()
         time_interleaved([dense_case, *mod_cases], args.repeats, args.warmup, sync)
-        rows += rows_from(dense_case, mod_cases, [v[1] for v in variants], seq, "model")
+        fl = [flop_ideal(args, seq, v[2], args.layers, with_head=True) for v in variants]
+        rows += rows_from(dense_case, mod_cases, [v[1] for v in variants], fl, seq, "model")
         print(f"  model seq={seq}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return rows
 
@@ -643,14 +673,16 @@ def profile_layers(args, top: int = 15) -> dict:
 def markdown_table(rows: list[dict]) -> str:
     head = (
         "| rows | variant | seq | dense ms | MoD ms | ratio MoD/dense | ideal | ratio/ideal "
-        "| overhead | ratio of min times |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| overhead | ratio of min times | FLOP ratio |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for r in rows:
         lines.append(
             f"| {r['kind']} | {r['variant']} | {r['seq']} | {r['dense_ms']:.1f} | "
             f"{r['mod_ms']:.1f} | {r['ratio']:.3f} | {r['ideal']:.3f} | "
-            f"{r['ratio_over_ideal']:.3f} | {r['overhead']:+.3f} | {r['ratio_of_min_times']:.3f} |"
+            f"{r['ratio_over_ideal']:.3f} | {r['overhead']:+.3f} | "
+            f"{r['ratio_of_min_times']:.3f} | {r['flop_ideal']:.3f} |"
         )
     return "\n".join(lines)
 
