@@ -102,7 +102,8 @@ class CheckpointMetadata:
     """Everything needed to rebuild the model of a checkpoint (``megatron_mod_config.json``).
 
     Attributes:
-        preset: ``megatron_mod.models.PRESETS`` name the config starts from.
+        preset: ``megatron_mod.models.PRESETS`` name the config starts from, or ``custom``
+            (then ``model_overrides`` holds every shape field).
         model_overrides: TransformerConfig fields on top of the preset (JSON values only).
         mod: ``MoDConfig.to_dict()``, or None for a dense model.
         vocab_size: the tokenizer's vocabulary size (HF export trims to it).
@@ -165,9 +166,7 @@ class CheckpointMetadata:
 
     @property
     def num_layers(self) -> int:
-        from megatron_mod.models import PRESETS
-
-        return int(self.model_overrides.get("num_layers", PRESETS[self.preset]["num_layers"]))
+        return self.transformer_config().num_layers
 
     def routed_layers(self) -> list[int]:
         """Global indices of routed layers ([] for a dense model)."""
@@ -176,9 +175,13 @@ class CheckpointMetadata:
 
     def transformer_config(self, **extra):
         """``llama_config(preset, **model_overrides, **extra)``; TP/PP from the parallel state."""
-        from megatron_mod.models import llama_config
+        from megatron_mod.models import PRESETS, llama_config
 
-        return llama_config(self.preset, **{**self.model_overrides, **extra})
+        # A "custom" shape carries every shape field in model_overrides; any preset is a base.
+        base = self.preset if self.preset in PRESETS else "tiny"
+        config = llama_config(base, **{**self.model_overrides, **extra})
+        config.preset = self.preset
+        return config
 
     def dims(self):
         """The :class:`~megatron_mod.hf.mapping.LlamaDims` of the model."""

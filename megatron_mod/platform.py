@@ -142,19 +142,25 @@ def _free_port() -> int:
 def _init_process_group() -> None:
     if torch.distributed.is_initialized():
         return
-    # A single process started with plain `python` still needs a (1-rank) process group.
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "gloo" if is_cpu_mode() else "nccl"
+    if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+        # Launched by torchrun (or an equivalent launcher): use its rendezvous variables.
+        rank, world_size, init_method = (
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            "env://",
+        )
+    else:
+        # A plain single process still needs a 1-rank group. Its store listens on a fresh port,
+        # and nothing is written to os.environ, so child processes do not inherit a busy port.
+        rank, world_size, init_method = 0, 1, f"tcp://127.0.0.1:{_free_port()}"
     if not is_cpu_mode():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.distributed.init_process_group(
         backend=backend,
-        rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
         timeout=datetime.timedelta(minutes=10),
     )
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +18,8 @@ import torch
 
 from megatron_mod.config import MoDConfig
 from megatron_mod.hf import mapping as M
+from tests.subprocess_utils import REPO, run_script, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 DIST_SCRIPT = Path(__file__).parent / "distributed" / "convert_load_check.py"
 VOCAB, PADDED = 250, 256
 HF_MODELING = REPO / "megatron_mod" / "hf" / "modeling_llama_mod.py"
@@ -198,6 +197,21 @@ def test_mapping_covers_every_megatron_parameter(mcore):
 
 
 # ------------------------------------------------------------------------------ checkpoint format
+
+
+def test_metadata_for_preset_and_custom_shapes(mcore):
+    from megatron_mod.hf.convert import hf_config_to_metadata
+
+    base = dict(architectures=["LlamaForCausalLM"], num_hidden_layers=32, hidden_size=4096)
+    base.update(num_attention_heads=32, intermediate_size=11008, vocab_size=32000)
+    md = hf_config_to_metadata(dict(base, rms_norm_eps=1e-5), 8, 4, MoDConfig(), torch.bfloat16)
+    assert md.preset == "llama2-7b" and md.padded_vocab_size == 32768
+    custom = dict(base, hidden_size=512, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6)
+    md = hf_config_to_metadata(custom, 1, 1, None, torch.float32)
+    config = md.transformer_config()
+    assert md.preset == config.preset == "custom"
+    assert (config.hidden_size, config.num_query_groups, config.kv_channels) == (512, 8, 128)
+    assert md.dims().head_dim == 128 and md.dims().qkv_rows == (32 + 16) * 128
 
 
 def test_checkpoint_layout_and_stored_keys(work):
@@ -384,17 +398,8 @@ def test_bf16_import_stores_bf16_and_keeps_routers_fp32(work, tmp_path):
 # ------------------------------------------------------------------------------ CLI and bad input
 
 
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _subprocess_env() -> dict[str, str]:
-    """This process's env without the torch.distributed variables platform.initialize set."""
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    return dict(env, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-
-
 def _cli(tool: str, *args: str) -> subprocess.CompletedProcess:
-    env = _subprocess_env()
+    env = subprocess_env()
     cmd = [sys.executable, str(REPO / "tools" / tool), "--no-progress", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -518,23 +523,15 @@ def test_export_of_unconverted_dir_names_the_missing_config(tmp_path):
 # ------------------------------------------------------------------------------ multi-rank loads
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(work, tp: int, pp: int, out: Path) -> dict[str, dict]:
     out.mkdir()
     root = work["root"]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={tp * pp}",
-        f"--master_port={_free_port()}", str(DIST_SCRIPT), "--tp", str(tp), "--pp", str(pp),
+    args = [
+        "--tp", str(tp), "--pp", str(pp),
         "--hf-dir", str(root / "hf"), "--tokens", str(root / "tokens.pt"), "--out", str(out),
         "--ckpt", f"p0={root / 'ck_p0'}", "--ckpt", f"routed={root / 'ck_routed'}",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_script(DIST_SCRIPT, args, nproc=tp * pp)
     return {n: torch.load(out / f"{n}.pt", weights_only=True) for n in ("p0", "routed")}
 
 

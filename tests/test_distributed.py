@@ -8,36 +8,17 @@ schedule with 2 micro-batches and the load-reducing loss attached.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.subprocess_utils import run_script
+
 SCRIPT = Path(__file__).parent / "distributed" / "mod_parallel_parity.py"
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(args: list[str], nproc: int = 1) -> None:
-    if nproc == 1:
-        cmd = [sys.executable, str(SCRIPT), *args]
-    else:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run",
-            f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
-            str(SCRIPT), *args,
-        ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_script(SCRIPT, args, nproc=nproc)
 
 
 @pytest.fixture(scope="module")

@@ -378,7 +378,7 @@ def hf_config_to_metadata(
     if head_dim * heads != hidden:
         overrides["kv_channels"] = head_dim
     if preset is None:
-        preset, overrides["preset"] = "tiny", "custom"
+        preset = "custom"
     seq = int(max_seq_len or hf_config.get("max_position_embeddings") or 4096)
     return CheckpointMetadata(
         preset=preset,

@@ -1,0 +1,50 @@
+"""Running tools and multi-rank scripts from tests in clean child processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Set by torchrun in a worker; a child started from a test must not inherit a parent's rendezvous.
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    """A TCP port that is free right now on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(threads: int = 1) -> dict[str, str]:
+    """This process's environment minus torch.distributed variables, with the repo importable."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    return dict(env, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
+
+
+def run_script(
+    script: Path | str, args: list[str], nproc: int = 1, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run ``script`` with plain python (``nproc == 1``) or under torchrun; raise with its logs."""
+    if nproc == 1:
+        cmd = [sys.executable, str(script), *args]
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", str(script), *args,
+        ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n"
+            + proc.stdout[-3000:]
+            + proc.stderr[-6000:]
+        )
+    return proc
