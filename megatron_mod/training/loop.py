@@ -22,7 +22,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_mod.metrics import MoDMetricsTracker, get_metrics_tracker
 from megatron_mod.router import set_load_loss_scale
 
-__all__ = ["TrainConfig", "StepResult", "train"]
+__all__ = ["TrainConfig", "StepResult", "EvalResult", "train", "evaluate", "make_forward_step"]
 
 
 @dataclass
@@ -87,11 +87,100 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
+def make_forward_step(micro_batch_size: int, seq_length: int):
+    """The ``forward_step_func`` of megatron-core's schedule for ``{"tokens", "labels"}`` batches.
+
+    Optional batch keys: ``loss_mask`` ([mbs, seq], 0 where a label must not count, e.g. after
+    an end-of-document token with ``eod_mask_loss``) and ``position_ids``.
+    """
+    default_positions = torch.arange(seq_length).unsqueeze(0).expand(micro_batch_size, -1)
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        positions = batch.get("position_ids", default_positions)
+        output = model(batch["tokens"], positions, None, labels=batch["labels"])
+        loss_mask = batch.get("loss_mask")
+
+        def loss_func(per_token_loss):
+            per_token_loss = per_token_loss.float()
+            if loss_mask is None:
+                loss = per_token_loss.mean()
+            else:
+                mask = loss_mask.to(per_token_loss.dtype)
+                loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+            return loss, {"lm loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    return forward_step
+
+
+def _mean_lm_loss(losses) -> float:
+    """The micro-batch mean of the LM loss, reduced to every pipeline stage."""
+    lm_loss = torch.zeros(1)
+    if parallel_state.is_pipeline_last_stage() and losses:
+        lm_loss += sum(float(x["lm loss"]) for x in losses) / len(losses)
+    torch.distributed.all_reduce(lm_loss, group=parallel_state.get_pipeline_model_parallel_group())
+    return float(lm_loss)
+
+
+@dataclass
+class EvalResult:
+    """Validation LM loss and routing statistics over ``iters`` micro-batches."""
+
+    lm_loss: float
+    c_eff: float
+    kept_fraction: dict[int, float]
+
+
+def evaluate(
+    model: torch.nn.Module,
+    batches: Iterator[dict[str, torch.Tensor]],
+    iters: int,
+    micro_batch_size: int,
+    seq_length: int,
+    num_layers: int,
+) -> EvalResult:
+    """Forward-only pass over ``iters`` micro-batches: mean LM loss, kept fractions and c_eff.
+
+    Args:
+        model: this rank's GPTModel.
+        batches: validation micro-batches (``{"tokens", "labels"}`` and optional ``loss_mask``).
+        iters: micro-batches to evaluate.
+        micro_batch_size: sequences per micro-batch.
+        seq_length: tokens per sequence.
+        num_layers: total layers of the model (for c_eff).
+    """
+    tracker = get_metrics_tracker()
+    tracker.clear()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        losses = get_forward_backward_func()(
+            forward_step_func=make_forward_step(micro_batch_size, seq_length),
+            data_iterator=batches,
+            model=model,
+            num_microbatches=iters,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+        )
+    stats = tracker.summary(num_layers, groups=[parallel_state.get_pipeline_model_parallel_group()])
+    tracker.clear()
+    model.train(was_training)
+    return EvalResult(
+        lm_loss=_mean_lm_loss(losses),
+        c_eff=MoDMetricsTracker.effective_capacity(stats, num_layers),
+        kept_fraction={k: s.kept_fraction for k, s in stats.items()},
+    )
+
+
 def train(
     model: torch.nn.Module,
     batches: Iterator[dict[str, torch.Tensor]],
     cfg: TrainConfig,
     num_layers: int,
+    step_hook: Callable[[StepResult], None] | None = None,
 ) -> list[StepResult]:
     """Train ``model`` on ``batches`` of ``{"tokens", "labels"}`` ([mbs, seq] each).
 
@@ -100,6 +189,7 @@ def train(
         batches: an endless iterator of micro-batches.
         cfg: optimisation and logging settings.
         num_layers: total layers of the model (for c_eff and metrics across stages).
+        step_hook: called after every step (periodic evaluation, checkpointing).
 
     Returns:
         One :class:`StepResult` per step (the same on every rank).
@@ -123,17 +213,7 @@ def train(
 
     tracker = get_metrics_tracker()
     forward_backward = get_forward_backward_func()
-    positions = torch.arange(cfg.seq_length).unsqueeze(0).expand(cfg.micro_batch_size, -1)
-
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        output = model(batch["tokens"], positions, None, labels=batch["labels"])
-
-        def loss_func(per_token_loss):
-            loss = per_token_loss.float().mean()
-            return loss, {"lm loss": loss.detach().clone()}
-
-        return output, loss_func
+    forward_step = make_forward_step(cfg.micro_batch_size, cfg.seq_length)
 
     results = []
     model.train()
@@ -160,18 +240,13 @@ def train(
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
 
-        lm_loss = torch.zeros(1)
-        if parallel_state.is_pipeline_last_stage() and losses:
-            lm_loss += sum(float(x["lm loss"]) for x in losses) / len(losses)
-        torch.distributed.all_reduce(
-            lm_loss, group=parallel_state.get_pipeline_model_parallel_group()
-        )
+        lm_loss = _mean_lm_loss(losses)
         stats = tracker.summary(
             num_layers, groups=[parallel_state.get_pipeline_model_parallel_group()]
         )
         result = StepResult(
             iteration=iteration,
-            lm_loss=float(lm_loss),
+            lm_loss=lm_loss,
             load_loss=sum(s.load_loss for s in stats.values()),
             grad_norm=grad_norm,
             lr=lr,
@@ -200,6 +275,8 @@ def train(
                 f"c_eff {result.c_eff:.3f} | kept {kept} | {elapsed * 1000:.0f} ms/iter",
                 flush=True,
             )
+        if step_hook is not None:
+            step_hook(result)
     tracker.clear()
     if writer is not None:
         writer.close()
