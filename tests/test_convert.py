@@ -214,6 +214,105 @@ def test_metadata_for_preset_and_custom_shapes(mcore):
     assert md.dims().head_dim == 128 and md.dims().qkv_rows == (32 + 16) * 128
 
 
+# config.json fields of the real targets (published configs; no weights needed).
+_REAL_CONFIGS = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5,
+                      vocab_size=32000),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                       num_attention_heads=40, num_key_value_heads=40, rms_norm_eps=1e-5,
+                       vocab_size=32000),
+    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5,
+                       vocab_size=32000),
+    "minima-2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=24,
+                        num_attention_heads=24, num_key_value_heads=24, rms_norm_eps=1e-6,
+                        vocab_size=49216),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "preset, tp, pp, padded",
+    [
+        ("llama2-7b", 8, 4, 32768),
+        ("llama2-13b", 4, 2, 32256),
+        ("llama2-70b", 8, 8, 32768),
+        ("minima-2-3b", 2, 2, 49408),
+    ],
+)
+def test_real_model_configs_detect_preset_and_match_the_model(mcore, preset, tp, pp, padded):
+    """Each target's config.json maps to its preset, and the mapping matches the built model."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from megatron_mod.checkpointing import build_model_from_metadata, model_sharded_state_dict
+    from megatron_mod.hf.convert import hf_config_to_metadata
+
+    config = dict(
+        _REAL_CONFIGS[preset],
+        architectures=["LlamaForCausalLM"],
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        torch_dtype="float16",
+    )
+    md = hf_config_to_metadata(config, tp, pp, MoDConfig(), torch.bfloat16)
+    assert md.preset == preset and md.padded_vocab_size == padded
+    assert (md.tensor_model_parallel_size, md.pipeline_model_parallel_size) == (tp, pp)
+    dims = md.dims()
+    assert dims.num_query_groups % tp == 0 and dims.num_layers % pp == 0
+    # A meta-device TP=1 model (no memory): its checkpoint entries are exactly the mapping's.
+    model = build_model_from_metadata(
+        md, meta_device=True, tensor_model_parallel_size=1, pipeline_model_parallel_size=1
+    )
+    routed = md.routed_layers()
+    assert routed == list(range(1, dims.num_layers, 2))  # every_other by default
+    mappings = {m.megatron_name: m for m in M.param_mappings(dims, routed)}
+    entries = {
+        n: v for n, v in model_sharded_state_dict(model).items() if not isinstance(v, ShardedObject)
+    }
+    assert set(entries) == set(mappings)
+    for name, item in entries.items():
+        assert tuple(item.data.shape) == mappings[name].megatron_shape, name
+
+
+@pytest.mark.parametrize(
+    "preset, tp, pp, match",
+    [
+        ("llama2-70b", 16, 1, r"--tp 16 does not divide num_key_value_heads=8"),
+        ("llama2-13b", 3, 1, r"--tp 3 does not divide num_attention_heads=40"),
+        ("minima-2-3b", 1, 5, r"--pp 5 does not divide num_hidden_layers=24"),
+    ],
+)
+def test_real_model_configs_refuse_bad_layouts(preset, tp, pp, match):
+    from megatron_mod.hf.convert import ConversionError, hf_config_to_metadata
+
+    config = dict(_REAL_CONFIGS[preset], architectures=["LlamaForCausalLM"])
+    with pytest.raises(ConversionError, match=match):
+        hf_config_to_metadata(config, tp, pp, MoDConfig(), torch.bfloat16)
+
+
+def test_pytorch_bin_checkpoint_imports_with_weights_only_load(work, tmp_path, monkeypatch):
+    """Sharded pytorch_model*.bin sources load through torch.load(weights_only=True) only."""
+    from megatron_mod.hf.convert import convert_hf_to_megatron
+
+    src = tmp_path / "hf_bin"
+    work["hf"].save_pretrained(src, safe_serialization=False, max_shard_size="60KB")
+    assert (src / "pytorch_model.bin.index.json").is_file()
+    assert not list(src.glob("*.safetensors"))
+    calls = []
+    original = torch.load
+
+    def checked_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", checked_load)
+    convert_hf_to_megatron(src, tmp_path / "ck", mod_config=P0, progress=False)
+    monkeypatch.undo()
+    assert calls and all(w is True for w in calls)
+    logits, _, _ = _megatron_logits(tmp_path / "ck", work["tokens"])
+    assert (logits[..., :VOCAB] - work["ref"]).abs().max() <= 1e-4
+
+
 def test_checkpoint_layout_and_stored_keys(work):
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -523,13 +622,14 @@ def test_export_of_unconverted_dir_names_the_missing_config(tmp_path):
 # ------------------------------------------------------------------------------ multi-rank loads
 
 
-def _torchrun(work, tp: int, pp: int, out: Path) -> dict[str, dict]:
+def _torchrun(work, tp: int, pp: int, out: Path, resave: Path) -> dict[str, dict]:
     out.mkdir()
     root = work["root"]
     args = [
         "--tp", str(tp), "--pp", str(pp),
         "--hf-dir", str(root / "hf"), "--tokens", str(root / "tokens.pt"), "--out", str(out),
         "--ckpt", f"p0={root / 'ck_p0'}", "--ckpt", f"routed={root / 'ck_routed'}",
+        "--save", f"routed={resave}",
     ]  # fmt: skip
     run_script(DIST_SCRIPT, args, nproc=tp * pp)
     return {n: torch.load(out / f"{n}.pt", weights_only=True) for n in ("p0", "routed")}
@@ -538,7 +638,14 @@ def _torchrun(work, tp: int, pp: int, out: Path) -> dict[str, dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)])
 def test_multi_rank_load_matches_hf_and_single_process(work, tmp_path, tp, pp):
-    results = _torchrun(work, tp, pp, tmp_path / "out")
+    """Load under TP/PP, and export a checkpoint that a TP/PP run saved (per-rank chunks)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_mod.checkpointing import read_checkpoint_metadata
+    from megatron_mod.hf.convert import convert_megatron_to_hf
+
+    resaved = tmp_path / "resaved"
+    results = _torchrun(work, tp, pp, tmp_path / "out", resaved)
     p0, routed = results["p0"], results["routed"]
     assert p0["params_checked"] > 0  # every local tensor equals mapping.tp_shard(HF tensor)
     assert (p0["logits"][..., :VOCAB] - work["ref"]).abs().max() <= 1e-4
@@ -546,3 +653,20 @@ def test_multi_rank_load_matches_hf_and_single_process(work, tmp_path, tp, pp):
     assert (routed["logits"] - single).abs().max() <= 1e-4
     assert routed["kept"] == pytest.approx(kept, abs=1e-6)
     assert all(0.1 < f < 0.9 for f in kept.values())
+
+    md = read_checkpoint_metadata(resaved)
+    assert (md.tensor_model_parallel_size, md.pipeline_model_parallel_size) == (tp, pp)
+    stored = FileSystemReader(str(resaved / "iter_0000000")).read_metadata().state_dict_metadata
+    # fc1 is stored as 2 * tp chunks per layer (each rank's gate and up halves).
+    assert len(stored["decoder.layers.mlp.linear_fc1.weight"].chunks) == 4 * 2 * tp
+    exported = tmp_path / "hf_dense"
+    convert_megatron_to_hf(resaved, exported, dense=True, progress=False)
+    from safetensors.torch import load_file
+
+    tensors = load_file(exported / "model.safetensors")
+    original = work["hf"].state_dict()
+    assert set(tensors) == set(original)
+    for name, tensor in tensors.items():
+        assert torch.equal(tensor, original[name]), name
+    resaved_logits, resaved_kept, _ = _megatron_logits(resaved, work["tokens"])
+    assert torch.equal(resaved_logits, single) and resaved_kept == kept

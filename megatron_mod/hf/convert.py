@@ -151,6 +151,17 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 
 
 def _peak_rss_bytes() -> int:
+    """Peak RSS of this process image.
+
+    ``VmHWM`` rather than ``ru_maxrss``: Linux carries ``ru_maxrss`` across ``fork`` + ``exec``,
+    so a converter started from a large parent process would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

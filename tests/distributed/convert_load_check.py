@@ -5,9 +5,12 @@ checkpoint), check that every local parameter equals ``mapping.tp_shard`` of the
 (or of the router stored in the checkpoint), run one forward pass through the pipeline stages
 (p2p send/recv between stages) and save the full-vocabulary logits and per-layer kept fractions
 to ``{out}/{name}.pt`` (written by the rank holding TP rank 0 of the last stage).
+``--save NAME=DIR`` saves the loaded model of ``NAME`` again with ``save_model_checkpoint`` under
+this run's TP/PP: a checkpoint whose tensors are stored as per-rank chunks, as training writes it.
 
 Usage: torchrun --nproc_per_node=N convert_load_check.py --tp T --pp P --hf-dir HF
            --ckpt NAME=DIR [--ckpt NAME=DIR ...] --tokens TOKENS.pt --out OUTDIR
+           [--save NAME=DIR]
 """
 
 from __future__ import annotations
@@ -79,7 +82,9 @@ def main() -> None:
     p.add_argument("--ckpt", action="append", required=True, help="NAME=DIR")
     p.add_argument("--tokens", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--save", action="append", default=[], help="NAME=DIR: re-save under TP/PP")
     args = p.parse_args()
+    save_to = dict(spec.split("=", 1) for spec in args.save)
 
     from megatron.core import parallel_state
 
@@ -89,6 +94,7 @@ def main() -> None:
         model_sharded_state_dict,
         read_checkpoint_tensors,
         resolve_iteration_dir,
+        save_model_checkpoint,
     )
     from megatron_mod.layer import MoDTransformerLayer
 
@@ -120,6 +126,10 @@ def main() -> None:
             result = {"logits": logits, "kept": merged, "params_checked": checked}
             torch.save(result, os.path.join(args.out, f"{name}.pt"))
         torch.distributed.barrier()
+        if name in save_to:
+            metadata.tensor_model_parallel_size = args.tp
+            metadata.pipeline_model_parallel_size = args.pp
+            save_model_checkpoint(model, save_to[name], metadata)
         del model
     platform.destroy()
 
