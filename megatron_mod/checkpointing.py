@@ -57,6 +57,7 @@ __all__ = [
     "load_model_checkpoint",
     "StreamingCheckpointWriter",
     "checkpoint_tensor_dtypes",
+    "checkpoint_tensor_shapes",
     "read_checkpoint_tensors",
     "dtype_from_name",
     "dtype_name",
@@ -455,6 +456,18 @@ def checkpoint_tensor_dtypes(iter_dir: str | os.PathLike) -> dict[str, torch.dty
         key: value.properties.dtype
         for key, value in md.state_dict_metadata.items()
         if hasattr(value, "properties") and hasattr(value, "chunks")
+    }
+
+
+def checkpoint_tensor_shapes(iter_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> stored global shape (layer-stacked keys include the layer axis)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(iter_dir)).read_metadata()
+    return {
+        key: tuple(value.size)
+        for key, value in md.state_dict_metadata.items()
+        if hasattr(value, "size") and hasattr(value, "chunks")
     }
 
 

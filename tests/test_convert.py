@@ -612,6 +612,41 @@ def test_overwrite_replaces_output(work, tmp_path):
     _assert_nothing_written(tmp_path / "nothing")  # no stray temp dirs next to the output
 
 
+@pytest.mark.parametrize(
+    "routed, edit, match",
+    [
+        (
+            [1, 3],  # routers stored for layers 1 and 3; the config claims all four
+            lambda md: md["mod"].update(routed_layers=[0, 1, 2, 3]),
+            r"lacks keys \['decoder\.layers\.0\.router\.bias'.*--dense",
+        ),
+        (
+            "all",
+            lambda md: md["model_overrides"].update(ffn_hidden_size=192),
+            r"linear_fc1\.weight is stored with shape \[4, 352, 64\].*\[4, 384, 64\]",
+        ),
+    ],
+)
+def test_export_bad_checkpoint_is_refused_before_writing(work, tmp_path, routed, edit, match):
+    """A config that does not describe the stored tensors fails before the export writes."""
+    from megatron_mod.hf.convert import (
+        ConversionError,
+        convert_hf_to_megatron,
+        convert_megatron_to_hf,
+    )
+
+    ck = tmp_path / "ck"
+    mod = MoDConfig(routed_layers=routed)
+    convert_hf_to_megatron(work["root"] / "hf", ck, mod_config=mod, progress=False)
+    md = json.loads((ck / "megatron_mod_config.json").read_text())
+    edit(md)
+    (ck / "megatron_mod_config.json").write_text(json.dumps(md))
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match=match):
+        convert_megatron_to_hf(ck, out, progress=False)
+    _assert_nothing_written(out)
+
+
 def test_export_of_unconverted_dir_names_the_missing_config(tmp_path):
     from megatron_mod.hf.convert import convert_megatron_to_hf
 

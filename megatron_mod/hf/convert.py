@@ -34,6 +34,7 @@ from megatron_mod.checkpointing import (
     StreamingCheckpointWriter,
     build_model_from_metadata,
     checkpoint_tensor_dtypes,
+    checkpoint_tensor_shapes,
     dtype_from_name,
     dtype_name,
     iteration_dir_name,
@@ -48,6 +49,7 @@ from megatron_mod.config import MoDConfig
 from megatron_mod.hf.mapping import (
     LlamaDims,
     ParamMapping,
+    checkpoint_key,
     hf_param_shapes,
     layer_index,
     padded_vocab_size,
@@ -853,6 +855,18 @@ def convert_megatron_to_hf(
             f"{iter_dir}: checkpoint lacks keys {missing}; is {CONFIG_FILENAME} from the same "
             "model? (use --dense to export a checkpoint without routers)"
         )
+    # Shapes too, before anything is written: a config that does not match the stored tensors
+    # would otherwise fail midway through the export with a resharding error.
+    stored_shapes = checkpoint_tensor_shapes(iter_dir)
+    for name, m in mappings.items():
+        key, layer = checkpoint_key(name)
+        want = ((dims.num_layers,) if layer is not None else ()) + tuple(m.megatron_shape)
+        if stored_shapes.get(key, want) != want:
+            raise ConversionError(
+                f"{iter_dir}: tensor {key} is stored with shape {list(stored_shapes[key])}, but "
+                f"{ckpt_dir / CONFIG_FILENAME} describes {list(want)}; the config does not belong "
+                "to this checkpoint"
+            )
 
     def out_dtype_of(hf_name: str) -> torch.dtype:
         return torch.float32 if ".router." in hf_name else out_dtype
