@@ -1,0 +1,123 @@
+"""Configuration of the Hugging Face Mixture-of-Depths LLaMA model (``model_type: llama_mod``).
+
+This file is copied next to exported checkpoints and loaded with ``trust_remote_code=True``, so
+it imports only ``transformers`` (never ``megatron_mod``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from transformers import LlamaConfig
+
+__all__ = ["LlamaModConfig"]
+
+ROUTING_CHOICES = ("threshold", "topk")
+GATE_CHOICES = ("scale", "straight_through")
+
+
+def _bad(key: str, value, allowed: str) -> ValueError:
+    return ValueError(f"LlamaModConfig.{key}={value!r} is invalid; allowed: {allowed}")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class LlamaModConfig(LlamaConfig):
+    """A LLaMA config plus the Mixture-of-Depths routing settings.
+
+    Routed layer ``i`` computes ``g = sigmoid(w_i . h + b_i)`` on its input ``h`` and sends a
+    token through the decoder layer only if it is kept (threshold: ``g >= mod_threshold``; top-k:
+    among the ``ceil(mod_capacity * S)`` largest logits of its sequence). Skipped tokens pass
+    through unchanged and write no K/V in that layer.
+
+    Args:
+        mod_routing: ``"threshold"`` (causal, the default) or ``"topk"`` (the original MoD
+            baseline; not causal, see ``mod_topk_decode_threshold``).
+        mod_threshold: p in [0, 1] for threshold routing. Can be changed at load time
+            (``from_pretrained(..., mod_threshold=0.3)``) or at run time
+            (``model.set_mod_threshold(0.3)``): lower p computes more tokens.
+        mod_capacity: c in (0, 1]; top-k keeps ``ceil(c * S)`` tokens of each sequence of ``S``
+            real (non-padding) tokens, at least one.
+        mod_gate: ``"scale"`` (``h + g * (layer(h) - h)``) or ``"straight_through"`` (forward
+            value exactly ``layer(h)`` for kept tokens).
+        mod_routed_layers: 0-based indices of routed layers; ``None`` or ``"every_other"`` means
+            every odd layer (1, 3, 5, ...), ``"all"`` every layer. Other layers are dense.
+        mod_topk_decode_threshold: for a top-k model, the gate threshold used when decoding with a
+            cache (top-k ranks a whole sequence, which a token-by-token decode cannot see). The
+            prompt (the first, cache-filling forward) still uses top-k. ``None`` makes cached
+            decoding of a top-k model an error; decode with ``use_cache=False`` instead, which
+            re-ranks the whole sequence at each step.
+        **kwargs: ``LlamaConfig`` arguments.
+    """
+
+    model_type = "llama_mod"
+
+    def __init__(
+        self,
+        mod_routing: str = "threshold",
+        mod_threshold: float = 0.5,
+        mod_capacity: float = 0.125,
+        mod_gate: str = "scale",
+        mod_routed_layers=None,
+        mod_topk_decode_threshold: float | None = None,
+        **kwargs,
+    ):
+        self.mod_routing = mod_routing
+        self.mod_threshold = mod_threshold
+        self.mod_capacity = mod_capacity
+        self.mod_gate = mod_gate
+        self.mod_routed_layers = mod_routed_layers
+        self.mod_topk_decode_threshold = mod_topk_decode_threshold
+        super().__init__(**kwargs)
+        self.validate_mod()
+
+    def validate_mod(self) -> None:
+        """Check the ``mod_*`` values and normalise ``mod_routed_layers`` to a sorted index list.
+
+        Called at construction and again by the model, since ``from_pretrained`` keyword
+        overrides are set on the config after construction.
+
+        Raises:
+            ValueError: naming the offending key and its allowed values.
+        """
+        if self.mod_routing not in ROUTING_CHOICES:
+            raise _bad("mod_routing", self.mod_routing, " | ".join(ROUTING_CHOICES))
+        if not _is_real(self.mod_threshold) or not 0.0 <= self.mod_threshold <= 1.0:
+            raise _bad("mod_threshold", self.mod_threshold, "a float p with 0 <= p <= 1")
+        if not _is_real(self.mod_capacity) or not 0.0 < self.mod_capacity <= 1.0:
+            raise _bad("mod_capacity", self.mod_capacity, "a float c with 0 < c <= 1")
+        if self.mod_gate not in GATE_CHOICES:
+            raise _bad("mod_gate", self.mod_gate, " | ".join(GATE_CHOICES))
+        decode = self.mod_topk_decode_threshold
+        if decode is not None and (not _is_real(decode) or not 0.0 <= decode <= 1.0):
+            raise _bad("mod_topk_decode_threshold", decode, "None or a float with 0 <= p <= 1")
+        self.mod_routed_layers = self._routed_layer_list(self.mod_routed_layers)
+
+    def _routed_layer_list(self, spec) -> list[int]:
+        num_layers = self.num_hidden_layers
+        allowed = (
+            f"'all', 'every_other', or a non-empty list of distinct layer indices in "
+            f"0..{num_layers - 1}"
+        )
+        if spec is None or spec == "every_other":
+            spec = list(range(1, num_layers, 2))
+            if not spec:
+                raise _bad("mod_routed_layers", "every_other", allowed + " (1-layer model)")
+            return spec
+        if spec == "all":
+            return list(range(num_layers))
+        if isinstance(spec, str):
+            try:
+                spec = [int(p) for p in spec.split(",") if p.strip()]
+            except ValueError:
+                raise _bad("mod_routed_layers", spec, allowed) from None
+        if not isinstance(spec, (list, tuple)) or not spec:
+            raise _bad("mod_routed_layers", spec, allowed)
+        for item in spec:
+            if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item < num_layers:
+                raise _bad("mod_routed_layers", spec, allowed)
+        if len(set(spec)) != len(spec):
+            raise _bad("mod_routed_layers", spec, allowed)
+        return sorted(int(i) for i in spec)

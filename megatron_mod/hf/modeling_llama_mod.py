@@ -1,0 +1,785 @@
+"""Hugging Face Mixture-of-Depths LLaMA (``LlamaModForCausalLM``) with a MoD KV cache.
+
+This file is copied next to exported checkpoints and loaded with ``trust_remote_code=True``, so
+it imports only ``torch``, ``transformers`` and its sibling configuration file.
+
+Routing equals the megatron-mod layer (``megatron_mod/layer.py``): for routed layer ``i`` with
+input residual stream ``h`` (before the input norm), ``logit = w_i . h + b_i`` in fp32 and
+``g = sigmoid(logit)``. Threshold routing keeps ``g >= p``; top-k keeps the ``ceil(c * S)``
+largest logits of each sequence of ``S`` real tokens. The kept tokens of each sequence are gathered
+in order into a compact, right-padded batch and run through the whole decoder layer (attention
+causal among kept tokens only, RoPE at their original positions, then the MLP); the results are
+gated (``scale``: ``h + g * (layer(h) - h)``; ``straight_through``: ``layer(h)``) and scattered
+back. Skipped tokens keep ``h`` and write no K/V in that layer. Padding tokens (``attention_mask``
+0) are never computed, attended to, cached or counted, in routed and dense layers alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    repeat_kv,
+)
+
+from .configuration_llama_mod import LlamaModConfig
+
+__all__ = [
+    "LlamaModCache",
+    "LlamaModCausalLMOutput",
+    "LlamaModDecoderLayer",
+    "LlamaModForCausalLM",
+    "LlamaModModel",
+    "LlamaModModelOutput",
+    "LlamaModPreTrainedModel",
+    "LlamaModRouter",
+]
+
+_CACHE_CHUNK = 64  # cache capacity grows in multiples of this many slots
+
+
+# ----------------------------------------------------------------------------------- router
+
+
+class LlamaModRouter(nn.Module):
+    """``Linear(hidden -> 1)`` kept in fp32: ``logit = w . h + b`` for every token.
+
+    The parameters stay fp32 even when the rest of the model is cast (``model.to(bfloat16)``,
+    ``from_pretrained(..., torch_dtype=torch.bfloat16)``): routing decisions must not depend on
+    the serving dtype, and the Megatron router is fp32 too.
+
+    Args:
+        hidden_size: model width.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, hidden_size, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(1, dtype=torch.float32))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Router logits.
+
+        Args:
+            hidden_states: [b, s, h] layer input (any dtype).
+
+        Returns:
+            [b, s] float32 logits.
+        """
+        return F.linear(hidden_states.float(), self.weight.float(), self.bias.float()).squeeze(-1)
+
+    def _apply(self, fn, recurse=True):
+        # Device moves apply; dtype casts of these fp32 parameters are undone.
+        def keep_fp32(tensor):
+            out = fn(tensor)
+            if tensor.dtype == torch.float32 and out.is_floating_point():
+                out = out.float()
+            return out
+
+        return super()._apply(keep_fp32, recurse)
+
+
+# ------------------------------------------------------------------------------------ cache
+
+
+class LlamaModCache:
+    """KV cache that stores, per layer and per sequence, only the tokens that layer computed.
+
+    Each layer holds right-padded tensors ``keys``/``values`` ``[b, kv_heads, capacity, head_dim]``
+    (post-RoPE), ``positions`` ``[b, capacity]`` (the original position id of each stored token)
+    and ``lengths`` ``[b]`` (valid entries per sequence). A routed layer appends only its kept
+    tokens; a skipped token adds nothing. Padding tokens are never stored.
+
+    It is created by ``LlamaModModel.forward`` when ``use_cache=True`` and returned as
+    ``past_key_values``; ``generate()`` passes it back. It cannot be rolled back, so assisted
+    generation and contrastive search are not supported; beam search works (``reorder_cache``).
+
+    Args:
+        num_layers: number of decoder layers.
+    """
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.keys: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.values: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.positions: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.lengths: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.seen_tokens = 0
+        """Input columns consumed so far, padding included (what ``generate`` counts)."""
+        self.real_tokens: Optional[torch.Tensor] = None
+        """[b] long: real (non-padding) tokens consumed per sequence: the next position id."""
+
+    # -- queries
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Input columns consumed so far (padding included), as ``transformers`` caches count."""
+        return self.seen_tokens
+
+    def get_max_length(self) -> None:
+        """No maximum: the cache grows."""
+        return None
+
+    def get_max_cache_shape(self) -> int:
+        """No maximum: the cache grows (``-1`` as ``transformers``' dynamic caches report)."""
+        return -1
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def kept_counts(self, layer_idx: int) -> torch.Tensor:
+        """[b] number of tokens stored for layer ``layer_idx`` in each sequence."""
+        lengths = self.lengths[layer_idx]
+        if lengths is None:
+            batch = 0 if self.real_tokens is None else self.real_tokens.shape[0]
+            return torch.zeros(batch, dtype=torch.long)
+        return lengths.clone()
+
+    def layer_positions(self, layer_idx: int, batch_index: int) -> torch.Tensor:
+        """Original position ids of the tokens layer ``layer_idx`` stored for one sequence."""
+        if self.lengths[layer_idx] is None:
+            return torch.zeros(0, dtype=torch.long)
+        n = int(self.lengths[layer_idx][batch_index])
+        return self.positions[layer_idx][batch_index, :n].clone()
+
+    # -- updates
+
+    def _begin(self, batch_size: int, device: torch.device) -> None:
+        if self.real_tokens is None:
+            self.real_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
+        elif self.real_tokens.shape[0] != batch_size:
+            raise ValueError(
+                f"LlamaModCache holds {self.real_tokens.shape[0]} sequences but the input has "
+                f"{batch_size}"
+            )
+
+    def _end(self, num_columns: int, real: torch.Tensor) -> None:
+        self.seen_tokens += num_columns
+        self.real_tokens = self.real_tokens + real.sum(dim=1)
+
+    def _ensure_capacity(self, layer_idx: int, like: torch.Tensor, needed: int) -> None:
+        batch, heads, _, head_dim = like.shape
+        keys = self.keys[layer_idx]
+        if keys is not None and keys.shape[2] >= needed:
+            return
+        old = 0 if keys is None else keys.shape[2]
+        capacity = max(needed, 2 * old)
+        capacity = -(-capacity // _CACHE_CHUNK) * _CACHE_CHUNK
+        new_keys = like.new_zeros(batch, heads, capacity, head_dim)
+        new_values = like.new_zeros(batch, heads, capacity, head_dim)
+        new_positions = torch.zeros(batch, capacity, dtype=torch.long, device=like.device)
+        if keys is None:
+            self.lengths[layer_idx] = torch.zeros(batch, dtype=torch.long, device=like.device)
+        else:
+            new_keys[:, :, :old] = keys
+            new_values[:, :, :old] = self.values[layer_idx]
+            new_positions[:, :old] = self.positions[layer_idx]
+        self.keys[layer_idx], self.values[layer_idx] = new_keys, new_values
+        self.positions[layer_idx] = new_positions
+
+    def update(
+        self,
+        layer_idx: int,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append a layer's newly computed tokens and return what they attend to.
+
+        Args:
+            layer_idx: the layer.
+            key: [b, kv_heads, m, d] post-RoPE keys of the compact new tokens.
+            value: [b, kv_heads, m, d].
+            positions: [b, m] original position ids.
+            valid: [b, m] bool, a prefix of each row: real compact tokens (the rest is padding).
+
+        Returns:
+            ``(keys, values, mask)``: ``[b, kv_heads, L, d]`` twice and a ``[b, 1, m, L]`` bool
+            mask (True = attend) under which compact token ``i`` of sequence ``s`` sees the
+            sequence's earlier stored tokens and the new tokens ``0..i``.
+        """
+        batch, _, m, _ = key.shape
+        lengths_before = self.lengths[layer_idx]
+        if lengths_before is None:
+            lengths_before = torch.zeros(batch, dtype=torch.long, device=key.device)
+        # Room for every compact slot, padding included, so padded query rows index real memory.
+        needed = int(lengths_before.max()) + m
+        self._ensure_capacity(layer_idx, key, needed)
+        lengths = self.lengths[layer_idx]
+        rows, cols = valid.nonzero(as_tuple=True)
+        slots = lengths[rows] + cols
+        self.keys[layer_idx][rows, :, slots] = key[rows, :, cols].to(self.keys[layer_idx].dtype)
+        self.values[layer_idx][rows, :, slots] = value[rows, :, cols].to(
+            self.values[layer_idx].dtype
+        )
+        self.positions[layer_idx][rows, slots] = positions[rows, cols]
+        arange_k = torch.arange(needed, device=key.device)
+        arange_q = torch.arange(m, device=key.device)
+        # Query i sees slots [0, len + i]: its sequence's cached tokens, then new tokens 0..i.
+        limit = lengths[:, None] + arange_q[None, :] + 1
+        mask = arange_k[None, None, :] < limit[:, :, None]
+        self.lengths[layer_idx] = lengths + valid.sum(dim=1)
+        keys = self.keys[layer_idx][:, :, :needed]
+        values = self.values[layer_idx][:, :, :needed]
+        return keys, values, mask[:, None]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Select/reorder sequences (beam search)."""
+        for i in range(self.num_layers):
+            for store in (self.keys, self.values, self.positions, self.lengths):
+                if store[i] is not None:
+                    store[i] = store[i].index_select(0, beam_idx.to(store[i].device))
+        if self.real_tokens is not None:
+            self.real_tokens = self.real_tokens.index_select(
+                0, beam_idx.to(self.real_tokens.device)
+            )
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every sequence ``repeats`` times (``num_return_sequences`` expansion)."""
+        index = torch.arange(
+            0 if self.real_tokens is None else self.real_tokens.shape[0]
+        ).repeat_interleave(repeats)
+        self.reorder_cache(index)
+
+
+# ---------------------------------------------------------------------------------- outputs
+
+
+@dataclass
+class LlamaModModelOutput(BaseModelOutputWithPast):
+    """``BaseModelOutputWithPast`` plus ``router_stats`` (see :class:`LlamaModCausalLMOutput`)."""
+
+    router_stats: Optional[dict[int, dict[str, Any]]] = None
+
+
+@dataclass
+class LlamaModCausalLMOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus ``router_stats``.
+
+    ``router_stats`` (with ``output_router_stats=True``) maps each routed layer index to
+    ``{"kept_fraction": float, "mean_gate": float, "kept_tokens": int, "tokens": int,
+    "keep": [b, s] bool tensor}``, over the real (non-padding) tokens of this call.
+    """
+
+    router_stats: Optional[dict[int, dict[str, Any]]] = None
+
+
+# ---------------------------------------------------------------------------------- layers
+
+
+class LlamaModDecoderLayer(LlamaDecoderLayer):
+    """A stock ``LlamaDecoderLayer`` (same parameters) that computes only selected tokens.
+
+    Routed layers add ``router`` (``router.weight`` [1, hidden], ``router.bias`` [1], fp32).
+
+    Args:
+        config: the model config.
+        layer_idx: 0-based layer index.
+        routed: whether this layer has a router.
+    """
+
+    def __init__(self, config: LlamaModConfig, layer_idx: int, routed: bool):
+        super().__init__(config, layer_idx)
+        self.layer_idx = layer_idx
+        self.routed = routed
+        if routed:
+            self.router = LlamaModRouter(config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        keep: torch.Tensor,
+        gates: Optional[torch.Tensor],
+        position_ids: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        gate_mode: str,
+        cache: Optional[LlamaModCache] = None,
+    ) -> torch.Tensor:
+        """Run the layer on the ``keep`` tokens of each sequence and combine.
+
+        Args:
+            hidden_states: [b, s, h] layer input.
+            keep: [b, s] bool: tokens to compute (kept and real).
+            gates: [b, s] fp32 router gates (routed layers) or None (dense: output = layer(h)).
+            position_ids: [b, s] original position ids.
+            position_embeddings: ``(cos, sin)`` [b, s, head_dim] at ``position_ids``.
+            gate_mode: ``scale`` or ``straight_through``.
+            cache: MoD cache to read from and append to, or None.
+
+        Returns:
+            [b, s, h] new hidden states (unchanged where ``keep`` is False).
+        """
+        batch, seq, hidden = hidden_states.shape
+        counts = keep.sum(dim=1)
+        m = int(counts.max()) if batch else 0
+        if m == 0:
+            return hidden_states  # nothing kept anywhere: the layer is the identity
+        if m == seq and bool(keep.all()):
+            index = None  # everything kept: no gather/scatter
+            compact, pos = hidden_states, position_ids
+            cos, sin = position_embeddings
+            valid = keep
+        else:
+            # A stable sort of "skipped?" puts each sequence's kept tokens first, in order.
+            order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+            index = order[:, :m]
+            valid = torch.arange(m, device=keep.device)[None, :] < counts[:, None]
+            compact = hidden_states.gather(1, index[..., None].expand(-1, -1, hidden))
+            pos = position_ids.gather(1, index)
+            cos, sin = (
+                t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
+                for t in position_embeddings
+            )
+        output = self._compute(compact, (cos, sin), pos, valid, cache)
+
+        dtype = hidden_states.dtype
+        if gates is None:
+            mixed = output
+        else:
+            compact_gates = gates if index is None else gates.gather(1, index)
+            delta = output - compact
+            if gate_mode == "scale":
+                mixed = compact + compact_gates.to(dtype)[..., None] * delta
+            else:  # straight_through: forward value is layer(h); the gradient reaches the router
+                unit = compact_gates / compact_gates.detach() - 1.0
+                mixed = output + delta * unit.to(dtype)[..., None]
+        mixed = torch.where(valid[..., None], mixed, compact)
+        if index is None:
+            return mixed
+        return hidden_states.scatter(1, index[..., None].expand(-1, -1, hidden), mixed)
+
+    def _compute(
+        self,
+        x: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        positions: torch.Tensor,
+        valid: torch.Tensor,
+        cache: Optional[LlamaModCache],
+    ) -> torch.Tensor:
+        """The stock LLaMA decoder layer on a compact, right-padded batch ``x`` [b, m, h]."""
+        attn = self.self_attn
+        batch, m, _ = x.shape
+        head_dim = attn.head_dim
+        residual = x
+        normed = self.input_layernorm(x)
+        q = attn.q_proj(normed).view(batch, m, -1, head_dim).transpose(1, 2)
+        k = attn.k_proj(normed).view(batch, m, -1, head_dim).transpose(1, 2)
+        v = attn.v_proj(normed).view(batch, m, -1, head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is not None:
+            k, v, mask = cache.update(self.layer_idx, k, v, positions, valid)
+        else:
+            # Right padding: every real compact token precedes every padded slot, so the plain
+            # causal mask already keeps real queries off padded keys.
+            mask = None
+        groups = attn.num_key_value_groups
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        dropout = attn.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=mask is None and m > 1,
+            scale=getattr(attn, "scaling", head_dim**-0.5),
+        )
+        out = attn.o_proj(out.transpose(1, 2).reshape(batch, m, -1))
+        h = residual + out
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# ----------------------------------------------------------------------------------- models
+
+
+class LlamaModPreTrainedModel(PreTrainedModel):
+    """Weights initialisation and loading glue for the MoD LLaMA models."""
+
+    config_class = LlamaModConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["LlamaModDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    # Routers stay fp32 under every load dtype (the non-strict list covers older transformers,
+    # the strict one bf16 in newer ones).
+    _keep_in_fp32_modules = ["router"]
+    _keep_in_fp32_modules_strict = ["router"]
+    # Attention is computed by torch's scaled_dot_product_attention on compact batches.
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flash_attn_2 = False
+    _supports_flex_attn = False
+    # The MoD cache is created by the model, not by generate(), and cannot be rolled back.
+    _is_stateful = True
+    _supports_cache_class = False
+    _supports_static_cache = False
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, LlamaModRouter):
+            # Small weights and bias +2 (g ~ 0.88): a fresh router keeps every token at p = 0.5,
+            # as megatron-mod's default router initialisation does.
+            module.weight.data.normal_(0.0, std)
+            module.bias.data.fill_(2.0)
+        elif isinstance(module, nn.Linear):
+            module.weight.data.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(0.0, std)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+        elif isinstance(module, LlamaRMSNorm):
+            module.weight.data.fill_(1.0)
+
+
+class LlamaModModel(LlamaModPreTrainedModel):
+    """The MoD LLaMA decoder stack (``embed_tokens``, ``layers``, ``norm``).
+
+    Args:
+        config: a :class:`LlamaModConfig`.
+    """
+
+    def __init__(self, config: LlamaModConfig):
+        config.validate_mod()
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        routed = set(config.mod_routed_layers)
+        self.layers = nn.ModuleList(
+            LlamaModDecoderLayer(config, i, i in routed) for i in range(config.num_hidden_layers)
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _select(
+        self,
+        logits: torch.Tensor,
+        real: torch.Tensor,
+        decoding: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep mask and gates of one routed layer (padding is never kept)."""
+        config = self.config
+        gates = torch.sigmoid(logits)
+        if config.mod_routing == "threshold":
+            return (gates >= config.mod_threshold) & real, gates
+        if decoding:
+            threshold = config.mod_topk_decode_threshold
+            if threshold is None:
+                raise ValueError(
+                    "LlamaModConfig.mod_topk_decode_threshold is None: a top-k model cannot "
+                    "decode with a cache (top-k ranks whole sequences). Set it (e.g. "
+                    "model.config.mod_topk_decode_threshold = 0.5) or generate with "
+                    "use_cache=False."
+                )
+            return (gates >= threshold) & real, gates
+        # top-k: the ceil(c * S) largest logits among each sequence's S real tokens. Python
+        # float arithmetic, exactly as the Megatron router computes k.
+        lengths = real.sum(dim=1).tolist()
+        ks = [min(s, max(1, math.ceil(config.mod_capacity * s))) if s else 0 for s in lengths]
+        masked = logits.masked_fill(~real, float("-inf"))
+        order = torch.argsort(masked, dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+        )
+        k = torch.tensor(ks, device=logits.device)
+        return (rank < k[:, None]) & real, gates
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[LlamaModCache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_router_stats: bool = False,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ):
+        """Embed, route and run the layers.
+
+        Args:
+            input_ids: [b, s] new tokens (only those not yet in ``past_key_values``).
+            attention_mask: [b, s] or [b, past + s] with 1 for real tokens and 0 for padding
+                (left padding for generation); its last ``s`` columns describe the new tokens.
+            position_ids: [b, s]; default: count of real tokens before each token in its
+                sequence (``attention_mask.cumsum(-1) - 1``, continued from the cache), so left
+                padding does not shift positions.
+            past_key_values: a :class:`LlamaModCache` from an earlier call, or None.
+            inputs_embeds: [b, s, h] instead of ``input_ids``.
+            use_cache: create/extend and return a :class:`LlamaModCache`.
+            output_hidden_states: also return the input of every layer and the final output.
+            output_router_stats: return per routed layer kept fraction and mean gate.
+            return_dict: return a tuple when False.
+            **kwargs: ignored extras that ``generate()`` may pass (``cache_position``, ...).
+
+        Returns:
+            :class:`LlamaModModelOutput`.
+        """
+        config = self.config
+        return_dict = config.use_return_dict if return_dict is None else return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, seq, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        use_cache = config.use_cache if use_cache is None else use_cache
+        if past_key_values is not None and not isinstance(past_key_values, LlamaModCache):
+            # A cache object from elsewhere (e.g. an empty DynamicCache): only an empty one can
+            # be replaced, since its contents would not follow MoD routing.
+            if past_key_values.get_seq_length() != 0:
+                raise TypeError(
+                    f"LlamaModForCausalLM needs a LlamaModCache, got a filled "
+                    f"{type(past_key_values).__name__}"
+                )
+            past_key_values = None
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = LlamaModCache(config.num_hidden_layers)
+        decoding = cache is not None and cache.seen_tokens > 0
+        if cache is not None:
+            cache._begin(batch, device)
+
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[1] < seq:
+                raise ValueError(
+                    f"attention_mask must be [batch, past + new] (2-D, at least {seq} columns), "
+                    f"got shape {tuple(attention_mask.shape)}"
+                )
+            real = attention_mask[:, -seq:].to(device=device, dtype=torch.bool)
+        else:
+            real = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        if position_ids is None:
+            start = cache.real_tokens[:, None] if cache is not None else 0
+            position_ids = (start + real.long().cumsum(dim=1) - 1).clamp(min=0)
+        position_ids = position_ids.to(device).expand(batch, -1)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden = () if output_hidden_states else None
+        stats = {} if output_router_stats else None
+        num_real = real.sum()
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            if layer.routed:
+                logits = layer.router(hidden_states)
+                keep, gates = self._select(logits, real, decoding)
+                if stats is not None:
+                    kept = keep.sum()
+                    denom = max(int(num_real), 1)
+                    stats[layer.layer_idx] = {
+                        "kept_fraction": float(kept) / denom,
+                        "mean_gate": float(gates.detach().masked_fill(~real, 0).sum()) / denom,
+                        "kept_tokens": int(kept),
+                        "tokens": int(num_real),
+                        "keep": keep.detach(),
+                    }
+            else:
+                keep, gates = real, None
+            hidden_states = layer(
+                hidden_states,
+                keep=keep,
+                gates=gates,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                gate_mode=config.mod_gate,
+                cache=cache,
+            )
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden += (hidden_states,)
+        if cache is not None:
+            cache._end(seq, real)
+        output = LlamaModModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=cache if use_cache else None,
+            hidden_states=all_hidden,
+            router_stats=stats,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class LlamaModForCausalLM(LlamaModPreTrainedModel, GenerationMixin):
+    """Mixture-of-Depths LLaMA with a language-model head; works with ``generate()``.
+
+    Parameter names equal ``transformers.LlamaForCausalLM``'s plus
+    ``model.layers.{i}.router.{weight,bias}`` on routed layers.
+
+    Args:
+        config: a :class:`LlamaModConfig`.
+    """
+
+    _tied_weights_keys = ["lm_head.weight"]
+
+    def __init__(self, config: LlamaModConfig):
+        super().__init__(config)
+        self.model = LlamaModModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_decoder(self):
+        return self.model
+
+    def set_mod_threshold(self, threshold: float) -> None:
+        """Change the routing threshold p at run time (lower p computes more tokens).
+
+        Args:
+            threshold: p in [0, 1]; used by threshold routing (not by top-k routing, whose
+                decode threshold is ``config.mod_topk_decode_threshold``).
+
+        Raises:
+            ValueError: if ``threshold`` is outside [0, 1].
+        """
+        old = self.config.mod_threshold
+        self.config.mod_threshold = threshold
+        try:
+            self.config.validate_mod()
+        except ValueError:
+            self.config.mod_threshold = old
+            raise
+        self.model.config.mod_threshold = threshold
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[LlamaModCache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_router_stats: bool = False,
+        return_dict: Optional[bool] = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ):
+        """Logits (and loss with ``labels``) of the MoD model.
+
+        Args:
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                output_hidden_states, output_router_stats: see :meth:`LlamaModModel.forward`.
+            labels: [b, s] next-token targets (shifted inside; -100 ignored).
+            return_dict: return a tuple when False.
+            logits_to_keep: compute logits for the last this-many positions only (0: all).
+            **kwargs: ignored extras passed by ``generate()``.
+
+        Returns:
+            :class:`LlamaModCausalLMOutput`.
+        """
+        return_dict = self.config.use_return_dict if return_dict is None else return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_router_stats=output_router_stats,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            shift_labels = labels[:, 1:].to(logits.device).reshape(-1)
+            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+        output = LlamaModCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            router_stats=outputs.router_stats,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Optional[LlamaModCache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        use_cache: bool = True,
+        **kwargs,
+    ) -> dict[str, Any]:
+        """Feed only the tokens the MoD cache has not seen; positions come from the mask."""
+        if past_key_values is not None and not isinstance(past_key_values, LlamaModCache):
+            if past_key_values.get_seq_length() == 0:
+                past_key_values = None
+        seen = past_key_values.seen_tokens if past_key_values is not None else 0
+        inputs = {
+            "past_key_values": past_key_values,
+            "use_cache": use_cache,
+            "attention_mask": attention_mask,
+        }
+        cache_position = kwargs.get("cache_position")
+        if inputs_embeds is not None and seen == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+        elif not use_cache or seen == 0:
+            inputs["input_ids"] = input_ids
+        elif cache_position is not None:
+            # generate() says how many columns are new (input_ids may lack the prompt columns
+            # when the prompt was given as inputs_embeds).
+            inputs["input_ids"] = input_ids[:, -cache_position.shape[0] :]
+        else:
+            inputs["input_ids"] = input_ids[:, seen:]
+        if not use_cache:
+            inputs["past_key_values"] = None
+        for key in ("position_ids", "output_router_stats", "logits_to_keep"):
+            if kwargs.get(key) is not None:
+                inputs[key] = kwargs[key]
+        if "position_ids" in inputs and use_cache and seen:
+            new = (inputs.get("input_ids") if "input_ids" in inputs else inputs_embeds).shape[1]
+            inputs["position_ids"] = inputs["position_ids"][:, -new:]
+        return inputs
+
+    def _reorder_cache(self, past_key_values: LlamaModCache, beam_idx: torch.LongTensor):
+        past_key_values.reorder_cache(beam_idx)
+        return past_key_values

@@ -1,0 +1,458 @@
+"""The HF MoD model (megatron_mod/hf/modeling_llama_mod.py) against independent references.
+
+References: stock ``transformers.LlamaForCausalLM`` (p = 0, straight-through), a slow per-sequence
+re-implementation of the routing that runs the stock ``LlamaDecoderLayer`` (eager attention) on
+each layer's compact kept-token sequence, hand-computed router decisions, and greedy decoding by
+full recomputation. Models are tiny and random (hidden 64, 4 layers, 8 heads / 2 KV heads).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_mod.hf.configuration_llama_mod import LlamaModConfig
+from megatron_mod.hf.modeling_llama_mod import LlamaModCache, LlamaModForCausalLM
+
+VOCAB = 250
+HF_DIR = Path(__file__).resolve().parents[1] / "megatron_mod" / "hf"
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=None,
+    eos_token_id=None,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(seed=0, router_std=0.2, router_bias=0.0, **mod) -> LlamaModForCausalLM:
+    """A random MoD model whose routers skip roughly half of the tokens (bias 0, p = 0.5)."""
+    torch.manual_seed(seed)
+    model = LlamaModForCausalLM(LlamaModConfig(**BASE, **mod)).eval()
+    with torch.no_grad():  # non-trivial norms and O(1) embeddings, as in a trained model
+        for name, param in model.named_parameters():
+            if "router.weight" in name:
+                param.normal_(0.0, router_std)
+            elif "router.bias" in name:
+                param.fill_(router_bias)
+            elif "norm" in name:
+                param.normal_(1.0, 0.2)
+            elif "embed" in name or "lm_head" in name:
+                param.normal_(0.0, 1.0)
+    return model
+
+
+def _stock(model: LlamaModForCausalLM, attn="eager"):
+    """transformers' own LlamaForCausalLM with the MoD model's weights (routers dropped)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**BASE)
+    config._attn_implementation = attn
+    stock = LlamaForCausalLM(config).eval()
+    state = {k: v for k, v in model.state_dict().items() if ".router." not in k}
+    stock.load_state_dict(state, strict=True)
+    return stock
+
+
+def _tokens(lengths, seed=1, total=None):
+    """Left-padded batch: (input_ids, attention_mask) with the given real lengths."""
+    total = total or max(lengths)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), total, dtype=torch.long)
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, total - n :] = torch.randint(1, VOCAB, (n,), generator=g)
+        mask[b, total - n :] = 1
+    return ids, mask
+
+
+def _reference(model: LlamaModForCausalLM, ids: torch.Tensor, mask: torch.Tensor):
+    """Slow MoD forward, one sequence at a time, on stock transformers layers.
+
+    For each layer: router on the residual stream, select kept tokens, run the stock
+    LlamaDecoderLayer on just that compact sequence (original position ids, eager causal
+    attention), combine with the gate. Returns (logits [b, s, V] on real positions, zeros on
+    padding) and {layer: [b, s] bool keep}.
+    """
+    cfg = model.config
+    stock = _stock(model)
+    routed = set(cfg.mod_routed_layers)
+    logits = torch.zeros(*ids.shape, VOCAB)
+    keeps = {i: torch.zeros(ids.shape, dtype=torch.bool) for i in routed}
+    for b in range(ids.shape[0]):
+        real = mask[b].bool()
+        cols = real.nonzero().squeeze(1)
+        tokens = ids[b, cols]
+        pos = torch.arange(len(tokens))
+        h = stock.model.embed_tokens(tokens)
+        for i, layer in enumerate(stock.model.layers):
+            if i in routed:
+                router = model.model.layers[i].router
+                logit = h.float() @ router.weight[0] + router.bias[0]
+                gate = torch.sigmoid(logit)
+                if cfg.mod_routing == "threshold":
+                    keep = gate >= cfg.mod_threshold
+                else:
+                    k = min(len(h), max(1, math.ceil(cfg.mod_capacity * len(h))))
+                    keep = torch.zeros(len(h), dtype=torch.bool)
+                    keep[torch.topk(logit, k).indices] = True
+                keeps[i][b, cols] = keep
+            else:
+                keep = torch.ones(len(h), dtype=torch.bool)
+            idx = keep.nonzero().squeeze(1)
+            if len(idx) == 0:
+                continue
+            x = h[idx][None]
+            n = len(idx)
+            causal = torch.full((n, n), torch.finfo(x.dtype).min).triu(1)[None, None]
+            cos_sin = stock.model.rotary_emb(x, pos[idx][None])
+            out = layer(
+                x, attention_mask=causal, position_ids=pos[idx][None], position_embeddings=cos_sin
+            )
+            out = (out[0] if isinstance(out, tuple) else out)[0]
+            if i not in routed:
+                new = out
+            elif cfg.mod_gate == "scale":
+                new = h[idx] + gate[idx, None] * (out - h[idx])
+            else:
+                new = out
+            h = h.clone()
+            h[idx] = new
+        logits[b, cols] = stock.lm_head(stock.model.norm(h))
+    return logits, keeps
+
+
+def _real_max_diff(a, b, mask):
+    return float((a - b).abs()[mask.bool()].max())
+
+
+# --------------------------------------------------------------------------------- forward
+
+
+def test_p0_straight_through_equals_stock_llama():
+    model = _model(mod_threshold=0.0, mod_gate="straight_through", mod_routed_layers="all")
+    stock = _stock(model, attn="sdpa")
+    ids, mask = _tokens([12, 12])
+    with torch.no_grad():
+        got = model(ids).logits
+        want = stock(ids).logits
+        assert (got - want).abs().max() <= 1e-5
+        # Left padding: real positions equal stock Llama given the same mask and position ids.
+        ids, mask = _tokens([12, 7])
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(ids, attention_mask=mask, output_router_stats=True)
+        want = stock(ids, attention_mask=mask, position_ids=pos).logits
+    assert _real_max_diff(out.logits, want, mask) <= 1e-5
+    assert all(s["kept_fraction"] == 1.0 and s["tokens"] == 19 for s in out.router_stats.values())
+
+
+@pytest.mark.parametrize("gate", ["scale", "straight_through"])
+def test_routing_matches_slow_reference(gate):
+    model = _model(seed=2, mod_gate=gate, mod_routed_layers=[0, 1, 3])
+    ids, mask = _tokens([16, 11, 5], seed=3)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_router_stats=True)
+        ref_logits, ref_keep = _reference(model, ids, mask)
+        stock = _stock(model)(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(0))
+    assert _real_max_diff(out.logits, ref_logits, mask) <= 1e-5
+    # Routing changed the output, and really skips tokens.
+    assert _real_max_diff(out.logits, stock.logits, mask) > 1e-2
+    real = mask.bool()
+    for i, stats in out.router_stats.items():
+        assert torch.equal(stats["keep"], ref_keep[i])
+        assert not stats["keep"][~real].any()  # padding is never kept
+        assert stats["kept_fraction"] == pytest.approx(float(ref_keep[i].sum()) / int(real.sum()))
+        assert 0.15 < stats["kept_fraction"] < 0.85, (i, stats["kept_fraction"])
+    # Layer 0 by hand: its input is the embedding, so the router decision is w . E[x] + b.
+    emb = model.model.embed_tokens.weight[ids].detach()
+    router = model.model.layers[0].router
+    g = torch.sigmoid(emb @ router.weight[0].detach() + router.bias[0].detach())
+    assert out.router_stats[0]["kept_fraction"] == float(((g >= 0.5) & real).sum()) / 32
+    assert out.router_stats[0]["mean_gate"] == pytest.approx(float(g[real].mean()), abs=1e-6)
+
+
+def test_only_kept_tokens_are_computed():
+    model = _model(seed=2, mod_routed_layers=[1])
+    ids, mask = _tokens([16, 9], seed=3)
+    seen = {}
+    hooks = [
+        model.model.layers[i].self_attn.q_proj.register_forward_hook(
+            lambda mod, args, out, i=i: seen.__setitem__(i, args[0].shape[:2])
+        )
+        for i in (0, 1)
+    ]
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_router_stats=True)
+    for h in hooks:
+        h.remove()
+    kept = out.router_stats[1]["keep"].sum(dim=1)
+    assert seen[1] == (2, int(kept.max())) and int(kept.max()) < 16  # compact batch only
+    assert seen[0] == (2, 16)  # dense layer: the real tokens (the longest sequence has no padding)
+
+
+def test_threshold_routing_is_causal():
+    model = _model(seed=4, mod_threshold=0.5)
+    ids, _ = _tokens([20, 20], seed=5)
+    with torch.no_grad():
+        full = model(ids, output_router_stats=True)
+        assert 0.15 < full.router_stats[1]["kept_fraction"] < 0.85
+        for k in (1, 7, 13):
+            prefix = model(ids[:, :k]).logits
+            assert (prefix - full.logits[:, :k]).abs().max() <= 1e-5
+
+
+def test_threshold_changes_at_run_time_and_is_validated():
+    model = _model(seed=2, mod_routed_layers="all")
+    ids, mask = _tokens([16, 10], seed=3)
+    with torch.no_grad():
+        half = model(ids, attention_mask=mask, output_router_stats=True).router_stats
+        model.set_mod_threshold(0.0)
+        everything = model(ids, attention_mask=mask, output_router_stats=True).router_stats
+        model.set_mod_threshold(1.0)
+        nothing = model(ids, attention_mask=mask).logits
+        stock_embed = model.lm_head(model.model.norm(model.model.embed_tokens(ids)))
+    assert all(s["kept_fraction"] == 1.0 for s in everything.values())
+    assert half[0]["kept_fraction"] < 1.0
+    # p = 1 keeps only tokens with g == 1 exactly (none here): every layer is the identity.
+    assert _real_max_diff(nothing, stock_embed, mask) <= 1e-6
+    with pytest.raises(ValueError, match="mod_threshold"):
+        model.set_mod_threshold(1.5)
+    assert model.config.mod_threshold == 1.0
+
+
+# ------------------------------------------------------------------------------------ top-k
+
+
+def test_topk_keeps_ceil_c_s_per_sequence_and_decodes_with_its_threshold():
+    model = _model(seed=6, mod_routing="topk", mod_capacity=0.3, mod_routed_layers=[1, 3])
+    ids, mask = _tokens([10, 7, 1], seed=7)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_router_stats=True, use_cache=True)
+        ref_logits, ref_keep = _reference(model, ids, mask)
+    assert _real_max_diff(out.logits, ref_logits, mask) <= 1e-5
+    expected = torch.tensor([3, 3, 1])  # ceil(0.3 * S) for S = 10, 7, 1
+    cache = out.past_key_values
+    for i in (1, 3):
+        assert torch.equal(out.router_stats[i]["keep"], ref_keep[i])
+        assert torch.equal(out.router_stats[i]["keep"].sum(dim=1), expected)
+        assert torch.equal(cache.kept_counts(i), expected)
+    # Decoding with a cache needs the decode threshold, and says which key to set.
+    step = torch.tensor([[5], [6], [7]])
+    step_mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+    with pytest.raises(ValueError, match="mod_topk_decode_threshold"):
+        model(step, attention_mask=step_mask, past_key_values=cache, use_cache=True)
+    model.config.mod_topk_decode_threshold = 0.5
+    single = _model(seed=6, mod_routing="topk", mod_capacity=0.3, mod_routed_layers=[1, 3])
+    single.config.mod_topk_decode_threshold = 0.5
+    ids1, mask1 = ids[:1], mask[:1]
+    with torch.no_grad():
+        cache1 = single(ids1, attention_mask=mask1, use_cache=True).past_key_values
+        decisions = 0
+        for t in range(6):
+            mask1 = torch.cat([mask1, torch.ones(1, 1, dtype=torch.long)], dim=1)
+            step = single(
+                torch.tensor([[10 + t]]),
+                attention_mask=mask1,
+                past_key_values=cache1,
+                use_cache=True,
+                output_router_stats=True,
+            )
+            for i in (1, 3):
+                s = step.router_stats[i]  # one token: mean_gate is its gate
+                assert s["kept_tokens"] == int(s["mean_gate"] >= 0.5)
+                decisions += s["kept_tokens"]
+    assert 0 < decisions < 12
+    assert int(cache1.kept_counts(1)[0] + cache1.kept_counts(3)[0]) == 2 * 3 + decisions
+
+
+# ---------------------------------------------------------------------------- cache, generate
+
+
+def _greedy_by_recompute(model, ids, mask, steps):
+    ids, mask = ids.clone(), mask.clone()
+    for _ in range(steps):
+        logits = model(ids, attention_mask=mask, use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+def test_greedy_generate_with_mod_cache_equals_recompute_and_cache_holds_kept_tokens():
+    model = _model(seed=8, mod_routed_layers=[1, 2, 3])
+    ids, mask = _tokens([9, 4], seed=9)
+    steps = 10
+    with torch.no_grad():
+        gen = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+        )
+        want = _greedy_by_recompute(model, ids, mask, steps)
+        assert torch.equal(gen.sequences, want)
+        cache = gen.past_key_values
+        assert isinstance(cache, LlamaModCache)
+        # The cache has seen the prompt and every generated token but the last.
+        fed = gen.sequences[:, :-1]
+        fed_mask = torch.cat([mask, torch.ones(2, steps - 1, dtype=torch.long)], dim=1)
+        stats = model(fed, attention_mask=fed_mask, output_router_stats=True).router_stats
+    assert cache.get_seq_length() == fed.shape[1]
+    positions = (fed_mask.cumsum(-1) - 1).clamp(min=0)
+    for i in range(4):
+        keep = stats[i]["keep"] if i in stats else fed_mask.bool()
+        assert torch.equal(cache.kept_counts(i), keep.sum(dim=1)), i
+        for b in range(2):
+            assert torch.equal(cache.layer_positions(i, b), positions[b][keep[b]]), (i, b)
+    counts = torch.stack([cache.kept_counts(i) for i in (1, 2, 3)])
+    assert (counts < torch.tensor([[9 + steps - 1], [4 + steps - 1]]).T).all()  # tokens skipped
+
+
+def test_sampling_generate_is_seeded_and_valid():
+    model = _model(seed=10)
+    ids, mask = _tokens([6, 3], seed=11)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        with torch.no_grad():
+            runs.append(
+                model.generate(
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=8,
+                    do_sample=True,
+                    top_k=0,
+                    temperature=1.5,
+                    pad_token_id=0,
+                )
+            )
+    assert torch.equal(runs[0], runs[1])
+    new = runs[0][:, ids.shape[1] :]
+    assert new.shape == (2, 8) and ((new >= 0) & (new < VOCAB)).all()
+    assert torch.equal(runs[0][:, : ids.shape[1]], ids)
+
+
+# -------------------------------------------------------------------------- save and load
+
+
+def _save_remote_code_dir(model, out: Path) -> None:
+    model.save_pretrained(out, safe_serialization=True)
+    for name in ("configuration_llama_mod.py", "modeling_llama_mod.py"):
+        shutil.copy2(HF_DIR / name, out / name)
+    config = json.loads((out / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoConfig": "configuration_llama_mod.LlamaModConfig",
+        "AutoModelForCausalLM": "modeling_llama_mod.LlamaModForCausalLM",
+    }
+    (out / "config.json").write_text(json.dumps(config))
+
+
+def test_save_and_load_with_trust_remote_code(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _model(seed=12, mod_routed_layers=[1, 3])
+    _save_remote_code_dir(model, tmp_path / "m")
+    ids, mask = _tokens([12, 8], seed=13)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
+    assert type(loaded).__name__ == "LlamaModForCausalLM"
+    assert type(loaded).__module__.startswith("transformers_modules")  # the copied file
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, output_router_stats=True)
+        got = loaded(ids, attention_mask=mask, output_router_stats=True)
+    assert torch.equal(got.logits, want.logits)
+    # p at load time.
+    low = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "m", trust_remote_code=True, mod_threshold=0.3
+    ).eval()
+    assert low.config.mod_threshold == 0.3
+    with torch.no_grad():
+        low_stats = low(ids, attention_mask=mask, output_router_stats=True).router_stats
+    assert low_stats[1]["kept_fraction"] > want.router_stats[1]["kept_fraction"]
+    with pytest.raises(ValueError, match="mod_threshold"):
+        AutoModelForCausalLM.from_pretrained(
+            tmp_path / "m", trust_remote_code=True, mod_threshold=3
+        )
+    # bf16: routers stay fp32 (and under .to(bfloat16) too); the rest is bf16.
+    bf16 = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "m", trust_remote_code=True, torch_dtype=torch.bfloat16
+    ).eval()
+    params = dict(bf16.named_parameters())
+    assert params["model.layers.1.router.weight"].dtype == torch.float32
+    assert params["model.layers.3.router.bias"].dtype == torch.float32
+    assert params["model.layers.1.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    assert torch.equal(params["model.layers.1.router.weight"], model.model.layers[1].router.weight)
+    cast = _model(seed=12, mod_routed_layers=[1, 3]).to(torch.bfloat16)
+    assert cast.model.layers[1].router.weight.dtype == torch.float32
+    with torch.no_grad():
+        logits = bf16(ids, attention_mask=mask).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_register_llama_mod_with_auto_classes():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_mod.hf import register_llama_mod
+
+    register_llama_mod()
+    register_llama_mod()  # idempotent
+    config = AutoConfig.for_model("llama_mod", **BASE)
+    assert isinstance(config, LlamaModConfig) and config.mod_routed_layers == [1, 3]
+    assert type(AutoModelForCausalLM.from_config(config)) is LlamaModForCausalLM
+
+
+# ------------------------------------------------------------------------------ bad config
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("mod_routing", "random"),
+        ("mod_threshold", 1.5),
+        ("mod_threshold", "0.5"),
+        ("mod_capacity", 0.0),
+        ("mod_capacity", 1.2),
+        ("mod_gate", "soft"),
+        ("mod_routed_layers", [4]),
+        ("mod_routed_layers", [1, 1]),
+        ("mod_routed_layers", []),
+        ("mod_routed_layers", "odd"),
+        ("mod_topk_decode_threshold", -0.1),
+    ],
+)
+def test_bad_config_values_name_the_key(key, value):
+    with pytest.raises(ValueError, match=key):
+        LlamaModConfig(**BASE, **{key: value})
+
+
+def test_config_defaults_and_routed_layer_forms():
+    config = LlamaModConfig(**BASE)
+    assert config.model_type == "llama_mod"
+    assert config.mod_routing == "threshold" and config.mod_threshold == 0.5
+    assert config.mod_capacity == 0.125
+    assert config.mod_gate == "scale" and config.mod_topk_decode_threshold is None
+    assert config.mod_routed_layers == [1, 3]
+    assert LlamaModConfig(**BASE, mod_routed_layers="all").mod_routed_layers == [0, 1, 2, 3]
+    assert LlamaModConfig(**BASE, mod_routed_layers="2,0").mod_routed_layers == [0, 2]
+    again = LlamaModConfig.from_dict(config.to_dict())
+    assert again.mod_routed_layers == [1, 3] and again.mod_threshold == 0.5
