@@ -22,14 +22,9 @@ from tests.subprocess_utils import REPO, run_script, subprocess_env
 
 DIST_SCRIPT = Path(__file__).parent / "distributed" / "convert_load_check.py"
 VOCAB, PADDED = 250, 256
-HF_MODELING = REPO / "megatron_mod" / "hf" / "modeling_llama_mod.py"
 P0 = MoDConfig(gate="straight_through", threshold=0.0, routed_layers="all")
 # Routers with a fixed random direction and bias 0: roughly half of the tokens skip each layer.
 ROUTED = MoDConfig(threshold=0.5, routed_layers="all", router_init_std=2.0, router_init_bias=0.0)
-
-needs_hf_mod = pytest.mark.skipif(
-    not HF_MODELING.is_file(), reason="megatron_mod/hf/modeling_llama_mod.py not present"
-)
 
 
 def _dims(vocab=VOCAB, padded=PADDED) -> M.LlamaDims:
@@ -370,7 +365,6 @@ def test_dense_export_reloads_as_stock_llama(work):
         assert torch.equal(tensor, original[name]), name
 
 
-@needs_hf_mod
 def test_mod_export_layout(work):
     from safetensors import safe_open
 
@@ -390,7 +384,6 @@ def test_mod_export_layout(work):
         assert f.get_tensor("lm_head.weight").shape == (VOCAB, 64)
 
 
-@needs_hf_mod
 def test_mod_export_p0_matches_hf_base(work):
     from transformers import AutoModelForCausalLM
 
@@ -405,7 +398,6 @@ def test_mod_export_p0_matches_hf_base(work):
     assert (logits - work["ref"]).abs().max() <= 1e-4
 
 
-@needs_hf_mod
 def test_routed_megatron_matches_exported_hf_mod_model(work):
     from transformers import AutoModelForCausalLM
 
@@ -446,7 +438,6 @@ def _hf_kept_fractions(model, tokens) -> dict[int, float]:
     return fractions
 
 
-@needs_hf_mod
 def test_roundtrip_from_exported_mod_checkpoint_keeps_routers(work, tmp_path):
     """A llama_mod export imports back with its router weights (source routers are used)."""
     from megatron_mod.hf.convert import convert_hf_to_megatron, convert_megatron_to_hf
@@ -705,3 +696,11 @@ def test_multi_rank_load_matches_hf_and_single_process(work, tmp_path, tp, pp):
         assert torch.equal(tensor, original[name]), name
     resaved_logits, resaved_kept, _ = _megatron_logits(resaved, work["tokens"])
     assert torch.equal(resaved_logits, single) and resaved_kept == kept
+    # The MoD export of the TP/PP-saved checkpoint reproduces the Megatron model.
+    from transformers import AutoModelForCausalLM
+
+    convert_megatron_to_hf(resaved, tmp_path / "hf_mod", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_mod", trust_remote_code=True)
+    with torch.no_grad():
+        hf_logits = model.eval()(work["tokens"]).logits
+    assert (hf_logits - single[..., :VOCAB]).abs().max() <= 1e-4
