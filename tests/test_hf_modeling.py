@@ -245,12 +245,12 @@ def test_threshold_changes_at_run_time_and_is_validated():
 
 def test_topk_keeps_ceil_c_s_per_sequence_and_decodes_with_its_threshold():
     model = _model(seed=6, mod_routing="topk", mod_capacity=0.3, mod_routed_layers=[1, 3])
-    ids, mask = _tokens([10, 7, 1], seed=7)
+    ids, mask = _tokens([12, 5, 1], seed=7)
     with torch.no_grad():
         out = model(ids, attention_mask=mask, output_router_stats=True, use_cache=True)
         ref_logits, ref_keep = _reference(model, ids, mask)
     assert _real_max_diff(out.logits, ref_logits, mask) <= 1e-5
-    expected = torch.tensor([3, 3, 1])  # ceil(0.3 * S) for S = 10, 7, 1
+    expected = torch.tensor([4, 2, 1])  # ceil(0.3 * S) for the real lengths S = 12, 5, 1
     cache = out.past_key_values
     for i in (1, 3):
         assert torch.equal(out.router_stats[i]["keep"], ref_keep[i])
@@ -282,19 +282,21 @@ def test_topk_keeps_ceil_c_s_per_sequence_and_decodes_with_its_threshold():
                 assert s["kept_tokens"] == int(s["mean_gate"] >= 0.5)
                 decisions += s["kept_tokens"]
     assert 0 < decisions < 12
-    assert int(cache1.kept_counts(1)[0] + cache1.kept_counts(3)[0]) == 2 * 3 + decisions
+    assert int(cache1.kept_counts(1)[0] + cache1.kept_counts(3)[0]) == 2 * 4 + decisions
 
 
 # ---------------------------------------------------------------------------- cache, generate
 
 
 def _greedy_by_recompute(model, ids, mask, steps):
-    ids, mask = ids.clone(), mask.clone()
+    """Greedy decoding without a cache: the whole sequence is recomputed at every step."""
+    ids, mask, all_logits = ids.clone(), mask.clone(), []
     for _ in range(steps):
         logits = model(ids, attention_mask=mask, use_cache=False).logits[:, -1]
+        all_logits.append(logits)
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids
+    return ids, torch.stack(all_logits, dim=1)
 
 
 def test_greedy_generate_with_mod_cache_equals_recompute_and_cache_holds_kept_tokens():
@@ -309,9 +311,11 @@ def test_greedy_generate_with_mod_cache_equals_recompute_and_cache_holds_kept_to
             do_sample=False,
             pad_token_id=0,
             return_dict_in_generate=True,
+            output_logits=True,
         )
-        want = _greedy_by_recompute(model, ids, mask, steps)
+        want, want_logits = _greedy_by_recompute(model, ids, mask, steps)
         assert torch.equal(gen.sequences, want)
+        assert (torch.stack(gen.logits, dim=1) - want_logits).abs().max() <= 1e-4
         cache = gen.past_key_values
         assert isinstance(cache, LlamaModCache)
         # The cache has seen the prompt and every generated token but the last.

@@ -4,13 +4,10 @@
 def register_llama_mod() -> None:
     """Register ``llama_mod`` with ``AutoConfig`` / ``AutoModelForCausalLM`` (idempotent).
 
-    Exported checkpoints load without this (``trust_remote_code=True`` uses their copied
-    modeling files); it lets ``AutoModelForCausalLM.from_config`` and local code build the model.
+    Importing ``megatron_mod.hf.modeling_llama_mod`` does the same. Exported checkpoints load
+    without it (``trust_remote_code=True`` uses their copied modeling files); it lets
+    ``AutoConfig.for_model("llama_mod")`` and ``AutoModelForCausalLM.from_config`` build the model.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from . import modeling_llama_mod
 
-    from .configuration_llama_mod import LlamaModConfig
-    from .modeling_llama_mod import LlamaModForCausalLM
-
-    AutoConfig.register("llama_mod", LlamaModConfig, exist_ok=True)
-    AutoModelForCausalLM.register(LlamaModConfig, LlamaModForCausalLM, exist_ok=True)
+    modeling_llama_mod._register_auto_classes()

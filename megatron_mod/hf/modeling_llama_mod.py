@@ -783,3 +783,20 @@ class LlamaModForCausalLM(LlamaModPreTrainedModel, GenerationMixin):
     def _reorder_cache(self, past_key_values: LlamaModCache, beam_idx: torch.LongTensor):
         past_key_values.reorder_cache(beam_idx)
         return past_key_values
+
+
+def _register_auto_classes() -> None:
+    """Register ``llama_mod`` with the Auto classes when imported from the installed package.
+
+    The copy inside a checkpoint (loaded as ``transformers_modules.*`` by ``trust_remote_code``)
+    does not register: ``transformers`` maps that copy through the config's ``auto_map`` itself.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (__package__ or "").startswith("transformers_modules"):
+        return
+    AutoConfig.register("llama_mod", LlamaModConfig, exist_ok=True)
+    AutoModelForCausalLM.register(LlamaModConfig, LlamaModForCausalLM, exist_ok=True)
+
+
+_register_auto_classes()
