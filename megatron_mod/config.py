@@ -41,7 +41,7 @@ class MoDConfig:
     """Router bias at initialisation; +2 keeps every token (g ~ 0.88) so conversion is lossless."""
 
     router_init_std: float = 0.02
-    """Std of the normal init of the router weight (0 gives an exactly token-independent gate)."""
+    """Init std of the logit per unit RMS of h: w ~ N(0, std^2 / hidden); 0 gives w = 0."""
 
     load_loss_layer_coeffs: dict[int, float] = field(default_factory=dict)
     """Optional per-layer multipliers of alpha, keyed by global 0-based layer index."""

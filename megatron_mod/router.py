@@ -52,10 +52,17 @@ class MoDRouter(MegatronModule):
             param.sequence_parallel = config.sequence_parallel
 
     def reset_parameters(self) -> None:
-        """Small normal weights and a positive bias: every token starts kept with a margin."""
+        """Small normal weights and a positive bias: every token starts kept with a margin.
+
+        The weight std is divided by sqrt(hidden) so that the logit's spread is
+        ``router_init_std`` times the RMS of the hidden state whatever the model width: a
+        pretrained model's residual stream has RMS of several units in its upper layers, and
+        an unscaled std of 0.02 at hidden 8192 would already skip tokens at random.
+        """
         with torch.no_grad():
             if self.mod_config.router_init_std > 0:
-                self.weight.normal_(0.0, self.mod_config.router_init_std)
+                std = self.mod_config.router_init_std / math.sqrt(self.weight.shape[-1])
+                self.weight.normal_(0.0, std)
             else:
                 self.weight.zero_()
             self.bias.fill_(self.mod_config.router_init_bias)

@@ -3,7 +3,8 @@
 Everything comes from files that ship with Python, so nothing is downloaded:
 
 * corpus: the docstrings of the standard library (modules, classes, functions), one JSON line
-  per docstring (``{"text": ...}``) in ``OUT/corpus/stdlib_docstrings.jsonl``;
+  per docstring (``{"text": ...}``): ``OUT/corpus/train.jsonl`` and, for evaluation,
+  ``OUT/corpus/heldout.jsonl`` (the last ``--heldout-docs`` docstrings, never trained on);
 * tokenizer: a byte-level BPE trained on that corpus with the ``tokenizers`` library, saved as a
   Hugging Face tokenizer;
 * base model: a random-init ``transformers.LlamaForCausalLM`` (GQA) pretrained for a few hundred
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--heldout-docs", type=int, default=100, help="docstrings kept for evaluation")
     args = p.parse_args(argv)
 
     start = time.perf_counter()
@@ -131,10 +133,12 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     base = out / "base"
     texts = stdlib_docstrings()
-    corpus = out / "corpus" / "stdlib_docstrings.jsonl"
+    texts, heldout = texts[: -args.heldout_docs], texts[-args.heldout_docs :]
+    corpus = out / "corpus" / "train.jsonl"
     write_corpus(texts, corpus)
+    write_corpus(heldout, out / "corpus" / "heldout.jsonl")
     tokenizer = train_tokenizer(texts, args.vocab_size, base)
-    ids = tokenizer(texts[: len(texts) // 2], add_special_tokens=True)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
     stream = torch.tensor([t for doc in ids for t in [*doc, tokenizer.eos_token_id]])
 
     config = LlamaConfig(
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     model.save_pretrained(base, safe_serialization=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"corpus: {len(texts)} docstrings -> {corpus}\n"
+        f"corpus: {len(texts)} training + {len(heldout)} held-out docstrings -> {corpus.parent}\n"
         f"base model: LlamaForCausalLM, {args.layers} layers, hidden {args.hidden_size}, "
         f"8 heads / 2 KV heads, vocab {len(tokenizer)}, {n_params / 1e6:.2f}M parameters, "
         f"final training loss {loss:.3f} -> {base} ({time.perf_counter() - start:.0f} s)",

@@ -1,0 +1,32 @@
+#!/usr/bin/env python
+"""Continued pretraining (MoDification) of a converted megatron-mod checkpoint.
+
+Example::
+
+    python tools/pretrain_mod.py --load ckpt/base-mod --save ckpt/base-mod-trained \
+        --data-path 0.7 data/wiki_text_document 0.3 data/books_text_document \
+        --seq-length 1024 --micro-batch-size 4 --train-iters 1000 --lr 3e-5 \
+        --mod-load-loss-coeff 0.01 --tensorboard-dir runs/mod
+
+Runs in one process; ``--help`` lists every flag (see megatron_mod/training/pretrain.py).
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv=None) -> int:
+    from megatron_mod.training.pretrain import parse_args, pretrain
+
+    args = parse_args(argv)
+    try:
+        pretrain(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # dist_checkpointing may spawn helpers: keep the guard
+    sys.exit(main())
