@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 _CACHE_CHUNK = 64  # cache capacity grows in multiples of this many slots
+# torch >= 2.5 computes grouped-query attention without materialising repeated K/V.
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 # ----------------------------------------------------------------------------------- router
@@ -209,14 +211,17 @@ class LlamaModCache:
         Returns:
             ``(keys, values, mask)``: ``[b, kv_heads, L, d]`` twice and a ``[b, 1, m, L]`` bool
             mask (True = attend) under which compact token ``i`` of sequence ``s`` sees the
-            sequence's earlier stored tokens and the new tokens ``0..i``.
+            sequence's earlier stored tokens and the new tokens ``0..i``. ``mask`` is None when
+            that is plain causal attention over the returned keys (empty cache, or one new token
+            per sequence and equal stored lengths), so the caller can use the faster kernel.
         """
         batch, _, m, _ = key.shape
         lengths_before = self.lengths[layer_idx]
         if lengths_before is None:
             lengths_before = torch.zeros(batch, dtype=torch.long, device=key.device)
+        shortest, longest = (int(x) for x in torch.aminmax(lengths_before))
         # Room for every compact slot, padding included, so padded query rows index real memory.
-        needed = int(lengths_before.max()) + m
+        needed = longest + m
         self._ensure_capacity(layer_idx, key, needed)
         lengths = self.lengths[layer_idx]
         rows, cols = valid.nonzero(as_tuple=True)
@@ -226,14 +231,18 @@ class LlamaModCache:
             self.values[layer_idx].dtype
         )
         self.positions[layer_idx][rows, slots] = positions[rows, cols]
+        self.lengths[layer_idx] = lengths + valid.sum(dim=1)
+        if longest == 0:
+            return key, value, None
+        keys = self.keys[layer_idx][:, :, :needed]
+        values = self.values[layer_idx][:, :, :needed]
+        if m == 1 and shortest == longest:
+            return keys, values, None
         arange_k = torch.arange(needed, device=key.device)
         arange_q = torch.arange(m, device=key.device)
         # Query i sees slots [0, len + i]: its sequence's cached tokens, then new tokens 0..i.
         limit = lengths[:, None] + arange_q[None, :] + 1
         mask = arange_k[None, None, :] < limit[:, :, None]
-        self.lengths[layer_idx] = lengths + valid.sum(dim=1)
-        keys = self.keys[layer_idx][:, :, :needed]
-        values = self.values[layer_idx][:, :, :needed]
         return keys, values, mask[:, None]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -383,11 +392,15 @@ class LlamaModDecoderLayer(LlamaDecoderLayer):
         if cache is not None:
             k, v, mask = cache.update(self.layer_idx, k, v, positions, valid)
         else:
-            # Right padding: every real compact token precedes every padded slot, so the plain
-            # causal mask already keeps real queries off padded keys.
             mask = None
+        # Without a mask the compact batch is plain causal: right padding puts every real compact
+        # token before every padded slot, so no real query can see a padded key.
         groups = attn.num_key_value_groups
-        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        extra = {}
+        if groups > 1 and _SDPA_GQA:
+            extra["enable_gqa"] = True  # no repeated copy of the (cached) keys and values
+        elif groups > 1:
+            k, v = repeat_kv(k, groups), repeat_kv(v, groups)
         dropout = attn.attention_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(
             q,
@@ -397,6 +410,7 @@ class LlamaModDecoderLayer(LlamaDecoderLayer):
             dropout_p=dropout,
             is_causal=mask is None and m > 1,
             scale=getattr(attn, "scaling", head_dim**-0.5),
+            **extra,
         )
         out = attn.o_proj(out.transpose(1, 2).reshape(batch, m, -1))
         h = residual + out
