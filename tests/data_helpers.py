@@ -59,3 +59,20 @@ def run_preprocess(args: list[str], timeout: int = 300) -> subprocess.CompletedP
         text=True,
         timeout=timeout,
     )
+
+
+def run_main(args: list, capsys) -> tuple[int, str, str]:
+    """Run tools/preprocess_data.py's ``main`` in this process; return (status, stdout, stderr).
+
+    Same code path as the command line minus interpreter start-up (transformers and torch
+    imports cost seconds per child process on a small machine).
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("preprocess_data_cli", PREPROCESS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    status = module.main(["--no-progress", *[str(a) for a in args]])
+    out = capsys.readouterr()
+    return status, out.out, out.err
