@@ -333,6 +333,18 @@ def test_greedy_generate_with_mod_cache_equals_recompute_and_cache_holds_kept_to
     assert (counts < torch.tensor([[9 + steps - 1], [4 + steps - 1]]).T).all()  # tokens skipped
 
 
+def test_p0_generate_equals_stock_llama_generate_greedy_and_beam():
+    model = _model(seed=8, mod_threshold=0.0, mod_gate="straight_through", mod_routed_layers="all")
+    stock = _stock(model, attn="sdpa")
+    ids, mask = _tokens([9, 4], seed=9)
+    for beams in (1, 3):
+        kwargs = dict(attention_mask=mask, max_new_tokens=6, num_beams=beams, do_sample=False)
+        with torch.no_grad():
+            got = model.generate(ids, pad_token_id=0, **kwargs)
+            want = stock.generate(ids, pad_token_id=0, **kwargs)
+        assert torch.equal(got, want), beams
+
+
 def test_sampling_generate_is_seeded_and_valid():
     model = _model(seed=10)
     ids, mask = _tokens([6, 3], seed=11)
