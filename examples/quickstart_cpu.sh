@@ -10,10 +10,11 @@
 #   6. export to a Hugging Face "llama_mod" model
 #   7. load it with transformers (trust_remote_code), generate with the MoD KV cache and sweep p
 #
-# Environment knobs: WORK (output dir, default work/quickstart), BASE_STEPS, TRAIN_ITERS.
+# Environment knobs: WORK (output dir, default work/quickstart), BASE_STEPS, TRAIN_ITERS,
+# BASE_ARGS (extra make_base_model.py flags, e.g. "--layers 4 --hidden-size 64"), SKIP_SETUP=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
+if [ "${SKIP_SETUP:-0}" != 1 ]; then bash scripts/setup_env.sh; fi
 
 WORK=${WORK:-work/quickstart}
 BASE_STEPS=${BASE_STEPS:-200}
@@ -24,7 +25,8 @@ export TOKENIZERS_PARALLELISM=false
 mkdir -p "$WORK"
 
 echo "== [1/6] tiny base model, tokenizer and corpus -> $WORK"
-$PY examples/quickstart/make_base_model.py --out "$WORK" --steps "$BASE_STEPS"
+# shellcheck disable=SC2086  # BASE_ARGS is a list of flags
+$PY examples/quickstart/make_base_model.py --out "$WORK" --steps "$BASE_STEPS" ${BASE_ARGS:-}
 
 echo "== [2/6] preprocess the corpus into a Megatron indexed dataset"
 $PY tools/preprocess_data.py --input "$WORK/corpus/train.jsonl" \

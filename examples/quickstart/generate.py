@@ -58,7 +58,12 @@ def main(argv: list[str] | None = None) -> None:
 
     inputs = tokenizer([args.prompt], return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        out = model.generate(
+            input_ids=inputs.input_ids,
+            attention_mask=inputs.attention_mask,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+        )
     print(f"\ngreedy continuation of {args.prompt!r}:\n{tokenizer.decode(out[0])}\n")
 
     if args.corpus:

@@ -82,7 +82,11 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
         single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
     hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_input_names=["input_ids", "attention_mask"],  # LLaMA takes no token_type_ids
     )
     hf_tok.save_pretrained(out_dir)
     return hf_tok
