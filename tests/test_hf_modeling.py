@@ -240,6 +240,21 @@ def test_threshold_changes_at_run_time_and_is_validated():
     assert model.config.mod_threshold == 1.0
 
 
+@pytest.mark.parametrize("gate", ["scale", "straight_through"])
+def test_labels_loss_and_router_gradient(gate):
+    model = _model(seed=2, mod_gate=gate, mod_routed_layers=[1, 3]).train()
+    ids, mask = _tokens([12, 7], seed=3)
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(ids, attention_mask=mask, labels=labels)
+    logits = out.logits[:, :-1][mask[:, 1:].bool()]
+    want = torch.nn.functional.cross_entropy(logits, ids[:, 1:][mask[:, 1:].bool()])
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-6)
+    out.loss.backward()
+    for i in (1, 3):
+        grad = model.model.layers[i].router.weight.grad
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 # ------------------------------------------------------------------------------------ top-k
 
 
