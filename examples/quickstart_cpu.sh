@@ -41,7 +41,7 @@ echo "== [4/6] continued pretraining with the load-reducing loss"
 $PY tools/pretrain_mod.py --load "$WORK/ckpt_mod" --save "$WORK/ckpt_trained" --overwrite \
   --data-path 1.0 "$WORK/data/stdlib_text_document" --split 95,5,0 \
   --seq-length 128 --micro-batch-size 8 --train-iters "$TRAIN_ITERS" --lr 2e-3 --min-lr 2e-4 \
-  --mod-load-loss-coeff 0.1 --eval-iters 4 --log-interval 10 \
+  --mod-load-loss-coeff 0.01 --eval-iters 4 --log-interval 10 \
   --tensorboard-dir "$WORK/tensorboard"
 
 echo "== [5/6] export -> Hugging Face llama_mod model"
