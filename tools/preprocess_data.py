@@ -46,8 +46,8 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument(
         "--keep-newlines",
         action="store_true",
-        help="accepted for Megatron-LM compatibility; Punkt keeps newlines inside "
-        "sentences already",
+        help="with --split-sentences, keep the whitespace (newlines) after each sentence at its "
+        "end, so paragraph breaks survive tokenization",
     )
     g = p.add_argument_group("filters")
     g.add_argument("--min-chars", type=int, default=0, help="skip shorter records")
@@ -103,6 +103,7 @@ def main(argv=None) -> int:
             append_eod=args.append_eod,
             split_sentences=args.split_sentences,
             lang=args.lang,
+            keep_newlines=args.keep_newlines,
             workers=args.workers,
             chunk_size=args.chunk_size,
             on_error=args.on_error,

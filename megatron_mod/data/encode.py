@@ -60,6 +60,8 @@ class EncodeOptions:
     """Split each document into sentences with Punkt (one index item per sentence)."""
     lang: str = "english"
     """Punkt model used for sentence splitting."""
+    keep_newlines: bool = False
+    """With sentence splitting, keep the whitespace (newlines) that follows each sentence."""
     min_chars: int = 0
     """Skip records whose texts (all keys together) are shorter than this (filter)."""
     language_key: str | None = None
@@ -89,7 +91,7 @@ class Encoder:
         if options.split_sentences:
             from megatron_mod.data.sentences import load_splitter
 
-            self.splitter = load_splitter(options.lang)
+            self.splitter = load_splitter(options.lang, keep_newlines=options.keep_newlines)
         self.dtype = np.dtype(options.dtype)
 
     def _parse(self, payload) -> tuple[str, str, dict | None]:

@@ -76,6 +76,8 @@ class PreprocessConfig:
     """Split documents into sentences with NLTK Punkt."""
     lang: str = "english"
     """Punkt language for sentence splitting."""
+    keep_newlines: bool = False
+    """With sentence splitting, keep the whitespace (newlines) that follows each sentence."""
     workers: int = 1
     """Tokenizer processes (1: in this process)."""
     chunk_size: int = 64
@@ -284,6 +286,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
         append_eod=cfg.append_eod,
         split_sentences=cfg.split_sentences,
         lang=cfg.lang,
+        keep_newlines=cfg.keep_newlines,
         min_chars=cfg.min_chars,
         language_key=cfg.language_key,
         languages=tuple(cfg.languages),

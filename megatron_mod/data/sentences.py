@@ -83,11 +83,36 @@ def available_languages() -> tuple[str, ...]:
     return tuple(LANGUAGES)
 
 
-def load_splitter(lang: str = "english"):
+def _newline_keeping_language_vars():
+    """Punkt language variables whose sentences keep the whitespace that follows them.
+
+    Punkt's default period context consumes the whitespace after a sentence end, so a paragraph
+    break between two sentences disappears once the sentences are tokenized separately. Here the
+    whitespace (newlines included) stays at the end of the sentence it follows.
+    """
+    from nltk.tokenize.punkt import PunktLanguageVars
+
+    class NewlineKeepingLanguageVars(PunktLanguageVars):
+        _period_context_fmt = r"""
+            \S*                          # word material before the candidate end
+            %(SentEndChars)s             # a candidate sentence end
+            \s*                          # whitespace stays with this sentence
+            (?=(?P<after_tok>
+                %(NonWord)s              # either other punctuation
+                |
+                (?P<next_tok>\S+)        # or the next word
+            ))"""
+
+    return NewlineKeepingLanguageVars()
+
+
+def load_splitter(lang: str = "english", keep_newlines: bool = False):
     """An NLTK Punkt sentence splitter for ``lang``.
 
     Args:
         lang: Punkt model name (``english``, ``german``, ``french``, ``spanish``, …).
+        keep_newlines: keep the whitespace after each sentence (newlines included) at the end of
+            that sentence, as Megatron-LM's ``--keep-newlines`` does.
 
     Returns:
         A :class:`nltk.tokenize.punkt.PunktSentenceTokenizer`; call ``.tokenize(text)``.
@@ -103,4 +128,6 @@ def load_splitter(lang: str = "english"):
         params = _params_from_nltk_data(lang)
     if params is None:
         raise PunktUnavailable(PUNKT_INSTALL_HINT)
+    if keep_newlines:
+        return PunktSentenceTokenizer(params, lang_vars=_newline_keeping_language_vars())
     return PunktSentenceTokenizer(params)
