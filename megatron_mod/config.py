@@ -38,13 +38,16 @@ class MoDConfig:
     """alpha of the layer load-reducing loss R = alpha * sum_j F_j * G_j (0 disables it)."""
 
     router_init_bias: float = 2.0
-    """Router bias at initialisation; +2 keeps every token (g ~ 0.88) so conversion is lossless."""
+    """Router bias at initialisation; +2 keeps every token (g ~ 0.88) at the start."""
 
     router_init_std: float = 0.02
     """Init std of the logit per unit RMS of h: w ~ N(0, std^2 / hidden); 0 gives w = 0."""
 
     load_loss_layer_coeffs: dict[int, float] = field(default_factory=dict)
     """Optional per-layer multipliers of alpha, keyed by global 0-based layer index."""
+
+    topk_decode_threshold: float | None = None
+    """Top-k only: gate threshold for token-by-token decoding (set by training; None: unknown)."""
 
     def __post_init__(self):
         if self.routing not in ROUTING_CHOICES:
@@ -59,6 +62,11 @@ class MoDConfig:
             _fail("load_loss_coeff", self.load_loss_coeff, "a float alpha >= 0")
         if self.router_init_std < 0:
             _fail("router_init_std", self.router_init_std, "a float >= 0")
+        if self.topk_decode_threshold is not None and not (
+            isinstance(self.topk_decode_threshold, (int, float))
+            and 0.0 <= self.topk_decode_threshold <= 1.0
+        ):
+            _fail("topk_decode_threshold", self.topk_decode_threshold, "None or a float in [0, 1]")
         self.routed_layers = self._normalise_routed_layers(self.routed_layers)
         for layer, coeff in self.load_loss_layer_coeffs.items():
             if not isinstance(layer, int) or layer < 0 or coeff < 0:
@@ -155,6 +163,12 @@ class MoDConfig:
         g.add_argument("--mod-load-loss-coeff", type=float, default=0.01, help="alpha >= 0")
         g.add_argument("--mod-router-init-bias", type=float, default=2.0)
         g.add_argument("--mod-router-init-std", type=float, default=0.02)
+        g.add_argument(
+            "--mod-topk-decode-threshold",
+            type=float,
+            default=None,
+            help="top-k only: gate threshold for decoding one token at a time",
+        )
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> MoDConfig:
@@ -168,4 +182,5 @@ class MoDConfig:
             load_loss_coeff=args.mod_load_loss_coeff,
             router_init_bias=args.mod_router_init_bias,
             router_init_std=args.mod_router_init_std,
+            topk_decode_threshold=getattr(args, "mod_topk_decode_threshold", None),
         )

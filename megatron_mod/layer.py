@@ -111,7 +111,9 @@ class MoDTransformerLayer(TransformerLayer):
         self.last_keep = decision.keep
         coeff = self.mod_config.layer_load_loss_coeff(self.global_layer_index)
         load_loss, kept_fraction, mean_gate = load_reducing_loss(decision, coeff)
-        get_metrics_tracker().record(self.global_layer_index, kept_fraction, mean_gate, load_loss)
+        get_metrics_tracker().record(
+            self.global_layer_index, kept_fraction, mean_gate, load_loss, decision.kth_gate
+        )
 
         context = kwargs.get("context")
         if bool(decision.keep.any()):

@@ -25,12 +25,14 @@ class LayerRoutingStats:
     """G_j: mean router gate sigmoid(logit)."""
     load_loss: float
     """R_j = alpha_j * F_j * G_j."""
+    kth_gate: float | None = None
+    """Top-k only: mean smallest kept gate (the decode threshold that keeps about c)."""
 
 
 class MoDMetricsTracker:
     """Accumulates routing statistics for a fixed number of layers."""
 
-    _FIELDS = 3  # kept_fraction, mean_gate, load_loss
+    _FIELDS = 5  # kept_fraction, mean_gate, load_loss, kth_gate sum, kth_gate count
 
     def __init__(self):
         self._sums: dict[int, torch.Tensor] = {}
@@ -43,11 +45,15 @@ class MoDMetricsTracker:
         kept_fraction: torch.Tensor,
         mean_gate: torch.Tensor,
         load_loss: torch.Tensor,
+        kth_gate: torch.Tensor | None = None,
     ) -> None:
         """Add one micro-batch's values for global 0-based ``layer_index`` (no graph kept)."""
         if not self.enabled:
             return
-        row = torch.stack([kept_fraction.detach(), mean_gate.detach(), load_loss.detach()]).float()
+        has_kth = kth_gate is not None
+        kth = kth_gate.detach().float() if has_kth else torch.zeros((), device=mean_gate.device)
+        values = [kept_fraction, mean_gate, load_loss, kth, torch.ones_like(kth) * has_kth]
+        row = torch.stack([v.detach().float() for v in values])
         if layer_index in self._sums:
             self._sums[layer_index] = self._sums[layer_index] + row.cpu()
             self._counts[layer_index] += 1
@@ -86,8 +92,10 @@ class MoDMetricsTracker:
         for idx in range(num_layers):
             count = float(sums[idx, self._FIELDS])
             if count > 0:
-                kept, gate, loss = (sums[idx, : self._FIELDS] / count).tolist()
-                out[idx] = LayerRoutingStats(kept, gate, loss)
+                kept, gate, loss = (sums[idx, :3] / count).tolist()
+                kth_sum, kth_count = sums[idx, 3:5].tolist()
+                kth = kth_sum / kth_count if kth_count > 0 else None
+                out[idx] = LayerRoutingStats(kept, gate, loss, kth)
         return out
 
     @staticmethod

@@ -89,6 +89,13 @@ class RoutingDecision:
     gates: torch.Tensor
     """[s, b] float32: g = sigmoid(logit), with gradient to the router."""
 
+    kth_gate: torch.Tensor | None = None
+    """Top-k only: the smallest kept gate per sequence, averaged over the batch (no gradient).
+
+    Token-by-token decoding cannot rank a sequence it has not seen yet; a threshold at this
+    value keeps about the same fraction, so training records it for the exported model.
+    """
+
 
 def select_tokens(logits: torch.Tensor, mod_config: MoDConfig) -> RoutingDecision:
     """Turn router logits into a keep mask.
@@ -106,8 +113,11 @@ def select_tokens(logits: torch.Tensor, mod_config: MoDConfig) -> RoutingDecisio
     else:
         seq_len = logits.shape[0]
         k = min(seq_len, max(1, math.ceil(mod_config.capacity * seq_len)))
-        top = torch.topk(logits.detach(), k, dim=0).indices
+        top_logits, top = torch.topk(logits.detach(), k, dim=0)
         keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(0, top, True)
+        return RoutingDecision(
+            keep=keep, gates=gates, kth_gate=torch.sigmoid(top_logits[-1]).mean()
+        )
     return RoutingDecision(keep=keep, gates=gates)
 
 

@@ -22,6 +22,7 @@ from megatron_mod.config import MoDConfig
         ({"routed_layers": [1, -2]}, "routed_layers", "0-based"),
         ({"routed_layers": "1,1"}, "routed_layers", "without duplicates"),
         ({"load_loss_coeff": -1.0}, "load_loss_coeff", "alpha >= 0"),
+        ({"topk_decode_threshold": 1.5}, "topk_decode_threshold", "float in [0, 1]"),
     ],
 )
 def test_invalid_mod_config_names_field_and_allowed_values(kwargs, field, allowed):

@@ -384,6 +384,23 @@ def test_mod_export_layout(work):
         assert f.get_tensor("lm_head.weight").shape == (VOCAB, 64)
 
 
+def test_topk_export_carries_the_decode_threshold_and_decodes_with_cache(work, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_mod.hf.convert import convert_hf_to_megatron, convert_megatron_to_hf
+
+    topk = MoDConfig(routing="topk", capacity=0.5, routed_layers="1,3", topk_decode_threshold=0.6)
+    convert_hf_to_megatron(work["root"] / "hf", tmp_path / "ck", mod_config=topk, progress=False)
+    convert_megatron_to_hf(tmp_path / "ck", tmp_path / "hf", progress=False)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["mod_routing"] == "topk" and config["mod_topk_decode_threshold"] == 0.6
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    assert model.config.mod_topk_decode_threshold == 0.6
+    prompt = work["tokens"][:1, :8]
+    out = model.generate(prompt, max_new_tokens=4, do_sample=False, use_cache=True)
+    assert out.shape == (1, 12)
+
+
 def test_mod_export_p0_matches_hf_base(work):
     from transformers import AutoModelForCausalLM
 

@@ -146,6 +146,44 @@ def test_topk_keeps_ceil_c_s_largest_per_sequence(capacity):
             assert kept.min() > dropped.max()
 
 
+def test_topk_kth_gate_is_the_smallest_kept_gate_and_tracker_averages_it():
+    from megatron_mod.config import MoDConfig
+    from megatron_mod.metrics import MoDMetricsTracker
+    from megatron_mod.router import select_tokens
+
+    logits = torch.randn(40, 3)
+    decision = select_tokens(logits, MoDConfig(routing="topk", capacity=0.25))
+    gates = torch.sigmoid(logits)
+    smallest_kept = torch.stack([gates[decision.keep[:, b], b].min() for b in range(3)])
+    assert decision.kth_gate.item() == pytest.approx(smallest_kept.mean().item(), abs=1e-7)
+    # Thresholding at each sequence's own smallest kept gate reproduces its top-k set.
+    for b in range(3):
+        assert torch.equal(gates[:, b] >= smallest_kept[b], decision.keep[:, b])
+    assert select_tokens(logits, MoDConfig()).kth_gate is None
+
+    tracker = MoDMetricsTracker()
+    zero = torch.tensor(0.0)
+    tracker.record(1, zero, zero, zero, torch.tensor(0.6))
+    tracker.record(1, zero, zero, zero, torch.tensor(0.8))
+    tracker.record(3, zero, zero, zero)  # a threshold-routed micro-batch records none
+    stats = tracker.summary(num_layers=4)
+    assert stats[1].kth_gate == pytest.approx(0.7) and stats[3].kth_gate is None
+
+
+def test_topk_decode_threshold_averages_the_last_steps():
+    from megatron_mod.training.loop import StepResult
+    from megatron_mod.training.pretrain import topk_decode_threshold
+
+    def step(i, kth):
+        return StepResult(i, 0.0, 0.0, 0.0, 0.0, 1.0, {}, kth)
+
+    results = [step(i, {1: 0.1 * i, 3: 0.1 * i + 0.02}) for i in range(1, 9)]
+    # last quarter of 8 steps = steps 7 and 8; layers 1 and 3
+    assert topk_decode_threshold(results) == pytest.approx((0.7 + 0.72 + 0.8 + 0.82) / 4)
+    with pytest.raises(ValueError, match="topk"):
+        topk_decode_threshold([step(1, {})])
+
+
 def test_metrics_and_load_loss_match_hand_computation(mcore):
     from megatron_mod.config import MoDConfig
     from megatron_mod.metrics import MoDMetricsTracker, get_metrics_tracker

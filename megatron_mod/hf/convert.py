@@ -781,6 +781,8 @@ def _hf_config_dict(
             mod_gate=mod.gate,
             mod_routed_layers=mod.routed_layer_indices(dims.num_layers),
         )
+        if mod.topk_decode_threshold is not None:
+            cfg["mod_topk_decode_threshold"] = mod.topk_decode_threshold
     cfg["transformers_version"] = transformers.__version__
     return cfg
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from megatron.core import parallel_state
@@ -73,6 +73,8 @@ class StepResult:
     lr: float
     c_eff: float
     kept_fraction: dict[int, float]
+    kth_gate: dict[int, float] = field(default_factory=dict)
+    """Top-k routing: per layer, the mean smallest kept gate (see ``RoutingDecision.kth_gate``)."""
 
 
 def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -252,6 +254,7 @@ def train(
             lr=lr,
             c_eff=MoDMetricsTracker.effective_capacity(stats, num_layers),
             kept_fraction={k: s.kept_fraction for k, s in stats.items()},
+            kth_gate={k: s.kth_gate for k, s in stats.items() if s.kth_gate is not None},
         )
         results.append(result)
         if writer is not None:

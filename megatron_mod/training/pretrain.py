@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["gpt_batches", "parse_args", "pretrain"]
+__all__ = ["gpt_batches", "parse_args", "pretrain", "topk_decode_threshold"]
 
 # MoDConfig fields a run may change without changing the checkpoint's parameters.
 _OVERRIDABLE_MOD_FIELDS = ("routing", "threshold", "capacity", "gate", "load_loss_coeff")
@@ -101,6 +101,26 @@ def gpt_batches(
             batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples])
         batch["tokens"], batch["labels"] = batch["tokens"].long(), batch["labels"].long()
         yield batch
+
+
+def topk_decode_threshold(results, last_fraction: float = 0.25) -> float:
+    """The gate threshold that stands in for top-k when decoding token by token.
+
+    Top-k needs the whole sequence to rank it, which a decoder does not have. The smallest kept
+    gate of each sequence, averaged over the layers and over the last ``last_fraction`` of the
+    training steps (when routing has settled), is a threshold that keeps about the trained
+    capacity; the export writes it as ``mod_topk_decode_threshold``.
+
+    Args:
+        results: the :class:`~megatron_mod.training.loop.StepResult` list of a top-k run.
+        last_fraction: the share of final steps to average over.
+    """
+    steps = [r for r in results if r.kth_gate]
+    if not steps:
+        raise ValueError("no top-k routing statistics were recorded (is routing 'topk'?)")
+    tail = steps[-max(1, int(len(steps) * last_fraction)) :]
+    values = [v for r in tail for v in r.kth_gate.values()]
+    return float(sum(values) / len(values))
 
 
 def _mod_overrides(args: argparse.Namespace, metadata):
@@ -226,6 +246,10 @@ def pretrain(args: argparse.Namespace) -> dict:
         step_hook=hook,
     )
     after = run_eval("after training")
+    if mod_config is not None and mod_config.routing == "topk":
+        decode_threshold = topk_decode_threshold(results)
+        mod_config = dataclasses.replace(mod_config, topk_decode_threshold=decode_threshold)
+        print(f"top-k decode threshold (mean smallest kept gate): {decode_threshold:.4f}")
     if mod_config is not None:
         metadata = dataclasses.replace(metadata, mod=mod_config.to_dict())
     if save.resolve() != load.resolve() and metadata.tokenizer_dir:
