@@ -30,31 +30,14 @@ from pathlib import Path
 
 import psutil
 import torch
+from host import cpu_name, cpu_tag, usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return py_platform.processor() or "unknown CPU"
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def default_result_path() -> Path:
     """``benchmarks/results/bench_convert_cpu-<cpu model>-<cores>c.json``."""
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{cpu_name()}-{usable_cores()}c".lower()).strip("-")
-    return REPO / "benchmarks" / "results" / f"bench_convert_cpu-{slug}.json"
+    return REPO / "benchmarks" / "results" / f"bench_convert_{cpu_tag()}.json"
 
 
 def make_hf_model(out: Path, hidden, layers, heads, kv_heads, ffn, vocab, shard_bytes) -> int:

@@ -47,7 +47,6 @@ import json
 import math
 import os
 import platform as py_platform
-import re
 import statistics
 import sys
 import time
@@ -59,6 +58,7 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
 import torch  # noqa: E402
+from host import cpu_name, slug, usable_cores  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_CAPACITIES = (1.0, 0.75, 0.5, 0.25, 0.125)
@@ -145,33 +145,13 @@ def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def cpu_model_name() -> str:
-    """The CPU model string from /proc/cpuinfo (or the platform's best guess)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return py_platform.processor() or "unknown CPU"
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def device_info(device: str) -> dict:
     """A description of the machine and software the numbers were measured on."""
     import megatron.core
 
     info = {
         "device": device,
-        "cpu": cpu_model_name(),
+        "cpu": cpu_name(),
         "cpu_cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -195,8 +175,7 @@ def _loadavg() -> list[float] | None:
 def device_tag(info: dict) -> str:
     """Short file-name tag, e.g. ``cpu-amd-epyc-2c`` or ``cuda-nvidia-h100-80gb-hbm3``."""
     name = info["gpu"] if info["device"] == "cuda" else f"{info['cpu']}-{info['cpu_cores']}c"
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return f"{info['device']}-{slug}"
+    return f"{info['device']}-{slug(name)}"
 
 
 # --------------------------------------------------------------------------- timing

@@ -29,6 +29,7 @@ and ``latest`` is replaced with ``os.replace``; a crash leaves the previous stat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -312,22 +313,14 @@ def build_model_from_metadata(
 
     config = metadata.transformer_config(**config_overrides)
     mod = None if dense else (mod_config or metadata.mod_config)
-    if meta_device:
-        with torch.device("meta"):
-            return build_gpt_model(
-                config,
-                mod,
-                metadata.padded_vocab_size,
-                metadata.max_seq_len,
-                use_transformer_engine=use_transformer_engine,
-            )
-    return build_gpt_model(
-        config,
-        mod,
-        metadata.padded_vocab_size,
-        metadata.max_seq_len,
-        use_transformer_engine=use_transformer_engine,
-    )
+    with torch.device("meta") if meta_device else contextlib.nullcontext():
+        return build_gpt_model(
+            config,
+            mod,
+            metadata.padded_vocab_size,
+            metadata.max_seq_len,
+            use_transformer_engine=use_transformer_engine,
+        )
 
 
 def _barrier() -> None:
