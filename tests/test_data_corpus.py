@@ -47,6 +47,8 @@ sources:
         (BASE.replace("weight: 1}", "weight: 1, filters: {language: 3}}"),
          "sources[0].filters.language"),
         (BASE.replace("HuggingFaceTokenizer", "GPT2BPETokenizer"), "tokenizer.type"),
+        (BASE.replace("model: tok}", "model: tok, special_tokens: maybe}"),
+         "tokenizer.special_tokens"),
         (BASE + "workers: 0\n", "workers"),
         (BASE + "on_error: ignore\n", "on_error"),
         (BASE + "output: x\n", "output"),

@@ -217,3 +217,54 @@ def test_one_and_many_workers_byte_identical(corpus, root, tmp_path):
     assert outputs[0][0] == outputs[1][0]
     assert outputs[0][1] == outputs[1][1]
     assert len(outputs[0][0]) > 100_000
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer_dir(root):
+    """The test BPE with a LLaMA-style post-processor: BOS ``<s>`` before every text."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    base = AutoTokenizer.from_pretrained(str(dh.hf_tokenizer_dir(root)), local_files_only=True)
+    backend = base.backend_tokenizer
+    backend.add_special_tokens(["<s>"])
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="<|endoftext|>", pad_token="<pad>"
+    )
+    out = root / "hf_tokenizer_bos"
+    tok.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("special_tokens", [True, False])
+def test_special_tokens_option(special_tokens, corpus, bos_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    texts, path = corpus
+    texts, path = texts[:40], write_jsonl(texts[:40], tmp_path / "docs.jsonl")
+    tok = AutoTokenizer.from_pretrained(str(bos_tokenizer_dir), local_files_only=True)
+    bos, eod = tok.bos_token_id, tok.eos_token_id
+    preprocess(
+        PreprocessConfig(
+            input=str(path),
+            output_prefix=str(tmp_path / "out"),
+            tokenizer_type="HuggingFaceTokenizer",
+            tokenizer_model=str(bos_tokenizer_dir),
+            special_tokens=special_tokens,
+            append_eod=True,
+            progress=False,
+        )
+    )
+    docs = _documents(IndexedDataset(str(tmp_path / "out_text_document")))
+    assert len(docs) == len(texts)
+    for text, (tokens, _) in zip(texts, docs):
+        plain = tok(text, add_special_tokens=False).input_ids
+        if special_tokens:  # the default: the tokenizer's BOS leads every document
+            assert tokens == [bos, *plain, eod] == tok(text).input_ids + [eod]
+        else:
+            assert tokens == [*plain, eod]
+            assert bos not in tokens

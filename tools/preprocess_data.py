@@ -69,6 +69,12 @@ def get_args(argv=None) -> argparse.Namespace:
         required=True,
         help="local HF tokenizer directory or sentencepiece .model file",
     )
+    g.add_argument(
+        "--no-special-tokens",
+        action="store_true",
+        help="HF tokenizer: do not add the tokenizer's special tokens (e.g. LLaMA's BOS); "
+        "the layout of Megatron-LM's default (non-legacy) tokenizer",
+    )
     g.add_argument("--append-eod", action="store_true", help="append EOD to every document")
     g = p.add_argument_group("output data")
     g.add_argument(
@@ -99,6 +105,7 @@ def main(argv=None) -> int:
             output_prefix=args.output_prefix,
             tokenizer_type=args.tokenizer_type,
             tokenizer_model=args.tokenizer_model,
+            special_tokens=not args.no_special_tokens,
             json_keys=args.json_keys,
             append_eod=args.append_eod,
             split_sentences=args.split_sentences,

@@ -65,6 +65,8 @@ class TokenizerSpec:
     """``HuggingFaceTokenizer`` or ``SentencePieceTokenizer``."""
     model: str
     """Local HF tokenizer directory or sentencepiece ``.model`` (relative: to the root)."""
+    special_tokens: bool = True
+    """Let a Hugging Face tokenizer add its special tokens (LLaMA: BOS); false: none."""
     where: str = field(default="tokenizer", repr=False, compare=False)
     """Location (file: key) used in error messages."""
 
@@ -73,6 +75,8 @@ class TokenizerSpec:
             _fail(self.where, "type", f"{self.type!r} is not one of {list(TOKENIZER_TYPES)}")
         if not isinstance(self.model, str) or not self.model:
             _fail(self.where, "model", "expected a path")
+        if not isinstance(self.special_tokens, bool):
+            _fail(self.where, "special_tokens", f"expected true/false, got {self.special_tokens!r}")
 
 
 @dataclass
@@ -330,6 +334,7 @@ def prepare_corpus(
             "json_keys": list(source.json_keys),
             "tokenizer_type": config.tokenizer.type,
             "tokenizer": _fingerprint([tok_model]),
+            "special_tokens": config.tokenizer.special_tokens,
             "append_eod": config.append_eod,
             "split_sentences": config.split_sentences,
             "lang": config.lang,
@@ -359,6 +364,7 @@ def prepare_corpus(
                     output_prefix=base,
                     tokenizer_type=config.tokenizer.type,
                     tokenizer_model=tok_model,
+                    special_tokens=config.tokenizer.special_tokens,
                     json_keys=source.json_keys,
                     append_eod=config.append_eod,
                     split_sentences=config.split_sentences,

@@ -54,6 +54,8 @@ class EncodeOptions:
     """Local tokenizer directory or sentencepiece model file."""
     dtype: str
     """numpy dtype name of the output tokens (from the vocabulary size)."""
+    special_tokens: bool = True
+    """Let a Hugging Face tokenizer add its special tokens (LLaMA: BOS); False: none."""
     append_eod: bool = False
     """Append the tokenizer's EOD id to each document."""
     split_sentences: bool = False
@@ -86,7 +88,9 @@ class Encoder:
         from megatron_mod.data.tokenizers import build_tokenizer
 
         self.options = options
-        self.tokenizer = build_tokenizer(options.tokenizer_type, options.tokenizer_model)
+        self.tokenizer = build_tokenizer(
+            options.tokenizer_type, options.tokenizer_model, special_tokens=options.special_tokens
+        )
         self.splitter = None
         if options.split_sentences:
             from megatron_mod.data.sentences import load_splitter

@@ -68,6 +68,9 @@ class PreprocessConfig:
     """``HuggingFaceTokenizer`` or ``SentencePieceTokenizer``."""
     tokenizer_model: str
     """Local HF tokenizer directory or sentencepiece ``.model`` file."""
+    special_tokens: bool = True
+    """Let a Hugging Face tokenizer add its special tokens (LLaMA: BOS per document); False:
+    encode with ``add_special_tokens=False`` (Megatron-LM's current default tokenizer)."""
     json_keys: Sequence[str] = ("text",)
     """Record fields to tokenize, one output dataset each."""
     append_eod: bool = False
@@ -276,13 +279,16 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
 
     start = time.perf_counter()
     files = expand_inputs(cfg.input)
-    tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
+    tokenizer = build_tokenizer(
+        cfg.tokenizer_type, cfg.tokenizer_model, special_tokens=cfg.special_tokens
+    )
     dtype = token_dtype(tokenizer.vocab_size)
     options = EncodeOptions(
         json_keys=tuple(cfg.json_keys),
         tokenizer_type=cfg.tokenizer_type,
         tokenizer_model=cfg.tokenizer_model,
         dtype=dtype.__name__,
+        special_tokens=cfg.special_tokens,
         append_eod=cfg.append_eod,
         split_sentences=cfg.split_sentences,
         lang=cfg.lang,

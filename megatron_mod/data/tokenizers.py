@@ -2,14 +2,21 @@
 
 Two kinds, named as in Megatron-LM's ``--tokenizer-type``:
 
-* ``HuggingFaceTokenizer``: ``transformers.AutoTokenizer`` from a local directory. Text is
-  encoded as ``tokenizer(text).input_ids``, i.e. with the tokenizer's own special tokens (a LLaMA
-  tokenizer adds BOS), exactly as Megatron-LM's ``_HuggingFaceTokenizer`` does; EOD is
-  ``eos_token_id``; the vocabulary size is ``len(tokenizer)`` (added tokens included).
+* ``HuggingFaceTokenizer``: ``transformers.AutoTokenizer`` from a local directory. By default
+  text is encoded as ``tokenizer(text).input_ids``, i.e. with the tokenizer's own special tokens
+  (a LLaMA tokenizer adds BOS to every document, LLaMA's pretraining format), as Megatron-LM's
+  legacy ``_HuggingFaceTokenizer`` (``megatron.training.tokenizer``) does. With
+  ``special_tokens=False`` it is ``tokenizer(text, add_special_tokens=False).input_ids`` (no
+  BOS), as Megatron-LM's current default does (``megatron.core.tokenizers``, whose
+  ``text_to_ids`` follows ``include_special_tokens``, False unless
+  ``--tokenizer-hf-include-special-tokens``; its ``tools/preprocess_data.py`` uses it since core
+  0.15 unless ``--legacy-tokenizer`` is given). EOD is ``eos_token_id``; the vocabulary size is
+  ``len(tokenizer)`` (added tokens included).
 * ``SentencePieceTokenizer``: a sentencepiece ``.model`` file. Text is encoded with
   ``encode(text)`` (no BOS/EOS, like Megatron-LM's ``GPTSentencePieceTokenizer``); EOD is the
   model's ``eos_id``. Megatron-LM's ``SentencePieceTokenizer`` appends extra ``<EOD>``/``<MASK>``
   pieces past the vocabulary for BERT/T5; a GPT corpus does not need them, so they are not added.
+  ``special_tokens`` changes nothing here (``encode`` adds none).
 """
 
 from __future__ import annotations
@@ -39,11 +46,12 @@ class TextTokenizer:
 
 
 class _HFTokenizer(TextTokenizer):
-    def __init__(self, path: str):
+    def __init__(self, path: str, special_tokens: bool = True):
         from transformers import AutoTokenizer
 
         self.name = "HuggingFaceTokenizer"
         self.path = path
+        self.special_tokens = special_tokens
         self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if self._tok.eos_token_id is None:
             raise ValueError(f"tokenizer {path} has no eos token; it is needed as the EOD token")
@@ -55,7 +63,8 @@ class _HFTokenizer(TextTokenizer):
             return []
         # One batched call lets the Rust tokenizer skip per-call overhead; results are the same
         # as encoding each text alone.
-        return [list(ids) for ids in self._tok(list(texts)).input_ids]
+        enc = self._tok(list(texts), add_special_tokens=self.special_tokens)
+        return [list(ids) for ids in enc.input_ids]
 
     def decode(self, ids):
         return self._tok.decode(list(ids))
@@ -81,13 +90,17 @@ class _SPTokenizer(TextTokenizer):
         return self._sp.decode([int(i) for i in ids])
 
 
-def build_tokenizer(tokenizer_type: str, tokenizer_model: str) -> TextTokenizer:
+def build_tokenizer(
+    tokenizer_type: str, tokenizer_model: str, special_tokens: bool = True
+) -> TextTokenizer:
     """Load a tokenizer from local files.
 
     Args:
         tokenizer_type: ``HuggingFaceTokenizer`` or ``SentencePieceTokenizer``.
         tokenizer_model: a Hugging Face tokenizer directory (or a directory with a
             ``tokenizer.model`` for sentencepiece), or a sentencepiece ``.model`` file.
+        special_tokens: let a Hugging Face tokenizer add its special tokens (e.g. LLaMA's BOS);
+            False encodes with ``add_special_tokens=False``. No effect on sentencepiece.
 
     Returns:
         The tokenizer.
@@ -99,7 +112,7 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str) -> TextTokenizer:
     if not os.path.exists(tokenizer_model):
         raise FileNotFoundError(f"tokenizer model {tokenizer_model!r} does not exist")
     if tokenizer_type == "HuggingFaceTokenizer":
-        return _HFTokenizer(tokenizer_model)
+        return _HFTokenizer(tokenizer_model, special_tokens=special_tokens)
     if tokenizer_type == "SentencePieceTokenizer":
         path = tokenizer_model
         if os.path.isdir(path):
