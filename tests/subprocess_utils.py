@@ -22,9 +22,14 @@ def free_port() -> int:
 
 
 def subprocess_env(threads: int = 1) -> dict[str, str]:
-    """This process's environment minus torch.distributed variables, with the repo importable."""
+    """This process's environment minus torch.distributed variables, with the repo importable.
+
+    The repo goes first on ``PYTHONPATH``; entries already there are kept (e.g. a source tree of
+    another megatron-core version to test against).
+    """
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    return dict(env, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
+    path = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return dict(env, OMP_NUM_THREADS=str(threads), PYTHONPATH=path)
 
 
 def run_script(

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.subprocess_utils import subprocess_env
 
 
 def test_quickstart_trains_and_reports_routing(tmp_path):
@@ -19,8 +17,9 @@ def test_quickstart_trains_and_reports_routing(tmp_path):
         "--mod-router-init-bias", "0.0", "--mod-load-loss-coeff", "0.05",
         "--tensorboard-dir", str(tmp_path / "tb"),
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd, env=subprocess_env(threads=2), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
     first, last = re.search(r"lm loss ([\d.]+) -> ([\d.]+)", out).groups()
