@@ -18,3 +18,16 @@ def mcore():
     platform.initialize(tp=1, pp=1, seed=1234)
     yield
     platform.destroy()
+
+
+def pytest_report_header(config):
+    """Which torch, megatron-core and transformers the suite runs against (and from where)."""
+    import megatron.core
+    import torch
+    import transformers
+
+    core_dir = os.path.dirname(os.path.dirname(megatron.core.__file__))
+    return (
+        f"torch {torch.__version__}, megatron-core {megatron.core.__version__} "
+        f"({core_dir}), transformers {transformers.__version__}"
+    )

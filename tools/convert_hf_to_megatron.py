@@ -58,10 +58,7 @@ def main(argv=None) -> int:
             seed=args.seed,
             progress=not args.no_progress,
         )
-    except (ConversionError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # MoDConfig flag validation
+    except (ConversionError, FileNotFoundError, ValueError) as err:  # ValueError: MoDConfig flags
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary.format())
