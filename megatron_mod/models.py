@@ -146,7 +146,8 @@ def llama_config(preset: str, **overrides) -> LlamaTransformerConfig:
         raise ValueError(f"unknown TransformerConfig fields {unknown} in llama_config overrides")
     values.update(overrides)
     if values.get("bf16"):
-        values.setdefault("params_dtype", torch.bfloat16)
+        if "params_dtype" not in overrides:
+            values["params_dtype"] = torch.bfloat16
         values["pipeline_dtype"] = torch.bfloat16
     _check_parallel_divisibility(values)
     return LlamaTransformerConfig(**values)

@@ -59,6 +59,11 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron-core's optimizers tell parameter dtypes apart by type string
+            # ("torch.cuda.FloatTensor"); report CPU tensors under the CUDA name they stand in for.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if name.count(".") == 1 else name
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):

@@ -1,16 +1,15 @@
-"""A compact single-process megatron-core training loop for MoD models.
+"""A compact megatron-core training loop for MoD models, on one process or under torchrun.
 
-It drives megatron-core's pipeline schedule (``get_forward_backward_func``), attaches the
-load-reducing loss with the right backward scale, and logs LM loss, load loss, per-layer kept
-fraction F_j, mean gate G_j and c_eff to stdout and TensorBoard. It uses torch's AdamW, so it is
-limited to one process (megatron-core's optimizer wrappers and DDP, needed for TP/PP/DP
-gradient reduction, assume CUDA tensors); multi-rank parity of the MoD layers themselves is
-covered by the distributed tests.
+It drives megatron-core's pipeline schedule (``get_forward_backward_func``) over a model wrapped
+in megatron-core DDP with the Megatron optimizer (:mod:`megatron_mod.training.optimizer`), so
+the same loop runs data, tensor (with sequence) and pipeline parallel. The load-reducing loss is
+attached with the right backward scale; LM loss, load loss, per-layer kept fraction F_j, mean
+gate G_j and c_eff are logged to stdout and TensorBoard (rank 0), averaged over data-parallel
+ranks.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +46,10 @@ class TrainConfig:
     """AdamW weight decay."""
     clip_grad: float = 1.0
     """Global gradient-norm clipping threshold (0 disables)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (megatron-core DistributedOptimizer)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with the backward pass (GPU runs)."""
     log_interval: int = 5
     """Print a log line every this many steps."""
     tensorboard_dir: str | None = None
@@ -77,18 +80,6 @@ class StepResult:
     """Top-k routing: per layer, the mean smallest kept gate (see ``RoutingDecision.kth_gate``)."""
 
 
-def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < cfg.lr_warmup_iters:
-            return (step + 1) / cfg.lr_warmup_iters
-        span = max(1, cfg.train_iters - cfg.lr_warmup_iters)
-        progress = min(1.0, (step - cfg.lr_warmup_iters) / span)
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return (cfg.min_lr + (cfg.lr - cfg.min_lr) * cosine) / cfg.lr
-
-    return factor
-
-
 def make_forward_step(micro_batch_size: int, seq_length: int):
     """The ``forward_step_func`` of megatron-core's schedule for ``{"tokens", "labels"}`` batches.
 
@@ -117,13 +108,22 @@ def make_forward_step(micro_batch_size: int, seq_length: int):
     return forward_step
 
 
+def _metric_groups() -> list:
+    """Process groups that routing statistics are summed over: pipeline stages and DP replicas."""
+    return [
+        parallel_state.get_pipeline_model_parallel_group(),
+        parallel_state.get_data_parallel_group(),
+    ]
+
+
 def _mean_lm_loss(losses) -> float:
-    """The micro-batch mean of the LM loss, reduced to every pipeline stage."""
+    """The micro-batch mean of the LM loss, on every rank: over pipeline stages and DP replicas."""
     lm_loss = torch.zeros(1)
     if parallel_state.is_pipeline_last_stage() and losses:
         lm_loss += sum(float(x["lm loss"]) for x in losses) / len(losses)
     torch.distributed.all_reduce(lm_loss, group=parallel_state.get_pipeline_model_parallel_group())
-    return float(lm_loss)
+    torch.distributed.all_reduce(lm_loss, group=parallel_state.get_data_parallel_group())
+    return float(lm_loss) / parallel_state.get_data_parallel_world_size()
 
 
 @dataclass
@@ -167,7 +167,7 @@ def evaluate(
             micro_batch_size=micro_batch_size,
             forward_only=True,
         )
-    stats = tracker.summary(num_layers, groups=[parallel_state.get_pipeline_model_parallel_group()])
+    stats = tracker.summary(num_layers, groups=_metric_groups())
     tracker.clear()
     model.train(was_training)
     return EvalResult(
@@ -186,9 +186,14 @@ def train(
 ) -> list[StepResult]:
     """Train ``model`` on ``batches`` of ``{"tokens", "labels"}`` ([mbs, seq] each).
 
+    Call it on every rank of a torchrun launch (or in one process). The model is wrapped in
+    megatron-core DDP and trained with the Megatron optimizer; its parameters are updated in
+    place, so the caller saves ``model`` afterwards.
+
     Args:
         model: this rank's GPTModel (from :func:`megatron_mod.models.build_gpt_model`).
-        batches: an endless iterator of micro-batches.
+        batches: an endless iterator of this rank's micro-batches (its data-parallel share,
+            e.g. from :func:`megatron_mod.training.pretrain.gpt_batches`).
         cfg: optimisation and logging settings.
         num_layers: total layers of the model (for c_eff and metrics across stages).
         step_hook: called after every step (periodic evaluation, checkpointing).
@@ -196,17 +201,9 @@ def train(
     Returns:
         One :class:`StepResult` per step (the same on every rank).
     """
-    if torch.distributed.get_world_size() != 1:
-        raise RuntimeError(
-            "megatron_mod.training.loop.train runs in one process; launch it without torchrun"
-        )
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        betas=(0.9, 0.95),
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    from megatron_mod.training.optimizer import current_lr, setup_model_and_optimizer
+
+    ddp_model, optimizer, scheduler = setup_model_and_optimizer(model, cfg)
     writer = None
     if cfg.tensorboard_dir and torch.distributed.get_rank() == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -218,34 +215,33 @@ def train(
     forward_step = make_forward_step(cfg.micro_batch_size, cfg.seq_length)
 
     results = []
-    model.train()
+    ddp_model.train()
     start = time.perf_counter()
     for iteration in range(1, cfg.train_iters + 1):
-        optimizer.zero_grad(set_to_none=True)
+        ddp_model.zero_grad_buffer()
+        optimizer.zero_grad()
         tracker.clear()
         set_load_loss_scale(cfg.num_microbatches)
         losses = forward_backward(
             forward_step_func=forward_step,
             data_iterator=batches,
-            model=model,
+            model=[ddp_model],
             num_microbatches=cfg.num_microbatches,
             seq_length=cfg.seq_length,
             micro_batch_size=cfg.micro_batch_size,
             forward_only=False,
         )
-        params = [p for p in model.parameters() if p.grad is not None]
-        if cfg.clip_grad > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
-        else:
-            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params])))
-        optimizer.step()
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        lr = current_lr(optimizer)
+        updated, grad_norm, _ = optimizer.step()
+        if not updated:
+            raise RuntimeError(f"iteration {iteration}: the optimizer skipped its update")
+        if grad_norm is None:
+            grad_norm = optimizer.get_grad_norm()
+        grad_norm = float(grad_norm)
+        scheduler.step(increment=1)
 
         lm_loss = _mean_lm_loss(losses)
-        stats = tracker.summary(
-            num_layers, groups=[parallel_state.get_pipeline_model_parallel_group()]
-        )
+        stats = tracker.summary(num_layers, groups=_metric_groups())
         result = StepResult(
             iteration=iteration,
             lm_loss=lm_loss,
