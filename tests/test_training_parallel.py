@@ -1,0 +1,134 @@
+"""Continued pretraining under torchrun gives the same run for any TP/SP/PP/DP layout.
+
+A tiny converted LLaMA with every layer routed (routers initialised so that roughly half the
+tokens skip each layer) is trained for a few steps with ``tools/pretrain_mod.py`` in one
+process, then under torchrun with data, tensor + sequence, pipeline parallelism and the
+distributed optimizer, on the same global batches. Every layout must reproduce the reference's
+per-step LM loss, load-reducing loss, gradient norm and kept fractions, its validation loss, and
+its trained weights: this exercises megatron-core DDP's gradient averaging, the optimizer's
+global-norm clipping, the load loss's scaling and the data-parallel batch sharding together.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.subprocess_utils import REPO, free_port, subprocess_env
+
+STEPS = 4
+COMMON = [
+    "--split", "95,5,0", "--seq-length", "64", "--micro-batch-size", "2",
+    "--global-batch-size", "8", "--train-iters", str(STEPS), "--lr", "1e-3", "--min-lr", "1e-4",
+    "--lr-warmup-iters", "1", "--eval-iters", "1", "--log-interval", "1", "--overwrite",
+]  # fmt: skip
+
+LAYOUTS = {
+    "dp2": (2, []),
+    "tp2_sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
+    "dp2_distributed_optimizer": (2, ["--use-distributed-optimizer"]),
+    "tp2_dp2_sp_distributed_optimizer": (
+        4,
+        ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer"],
+    ),
+}
+
+
+def _run(cmd: list[str], timeout: int = 600) -> None:
+    proc = subprocess.run(
+        cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-5000:]}"
+
+
+def _pretrain(work, name: str, nproc: int, flags: list[str]) -> dict:
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += [
+            "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+        ]  # fmt: skip
+    summary = work / f"{name}.json"
+    _run(
+        [
+            *launcher,
+            str(REPO / "tools" / "pretrain_mod.py"),
+            "--load",
+            str(work / "ckpt"),
+            "--save",
+            str(work / f"trained_{name}"),
+            "--summary-json",
+            str(summary),
+            "--data-path",
+            "1.0",
+            str(work / "data" / "stdlib_text_document"),
+            *COMMON,
+            *flags,
+        ]  # fmt: skip
+    )
+    return json.loads(summary.read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Base model, data and a routed import, then the single-process training run."""
+    work = tmp_path_factory.mktemp("train_parallel")
+    py = sys.executable
+    _run([py, str(REPO / "examples/quickstart/make_base_model.py"), "--out", str(work), "--steps",
+          "5", "--layers", "4", "--hidden-size", "64", "--vocab-size", "600"])  # fmt: skip
+    _run([py, str(REPO / "tools/preprocess_data.py"), "--input", str(work / "corpus/train.jsonl"),
+          "--output-prefix", str(work / "data/stdlib"), "--tokenizer-type",
+          "HuggingFaceTokenizer", "--tokenizer-model", str(work / "base"), "--append-eod",
+          "--workers", "1", "--no-progress"])  # fmt: skip
+    _run([py, str(REPO / "tools/convert_hf_to_megatron.py"), "--hf-dir", str(work / "base"),
+          "--out-dir", str(work / "ckpt"), "--mod-routed-layers", "all", "--mod-threshold", "0.5",
+          "--mod-router-init-bias", "0", "--mod-router-init-std", "2.0"])  # fmt: skip
+    return work, _pretrain(work, "single", 1, [])
+
+
+@pytest.mark.slow
+def test_reference_run_routes_and_learns(reference):
+    _, ref = reference
+    steps = ref["step_metrics"]
+    assert len(steps) == STEPS and ref["layout"]["num_microbatches"] == 4
+    kept = list(steps[0]["kept_fraction"].values())
+    assert len(kept) == 4 and all(0.15 < f < 0.85 for f in kept), kept
+    assert ref["valid_lm_loss_after"] < ref["valid_lm_loss_before"]
+    assert all(s["load_loss"] > 0 for s in steps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_reproduces_the_single_process_run(reference, layout, mcore):
+    from megatron_mod.checkpointing import load_model_checkpoint
+
+    work, ref = reference
+    nproc, flags = LAYOUTS[layout]
+    got = _pretrain(work, layout, nproc, flags)
+
+    tp = 2 if "--tensor-model-parallel-size" in flags else 1
+    pp = 2 if "--pipeline-model-parallel-size" in flags else 1
+    assert got["layout"]["data_parallel_size"] == nproc // (tp * pp)
+    assert got["layout"]["global_batch_size"] == ref["layout"]["global_batch_size"] == 8
+    for mine, theirs in zip(got["step_metrics"], ref["step_metrics"], strict=True):
+        assert mine["lm_loss"] == pytest.approx(theirs["lm_loss"], rel=1e-5)
+        assert mine["load_loss"] == pytest.approx(theirs["load_loss"], rel=1e-5)
+        assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)
+        assert mine["lr"] == pytest.approx(theirs["lr"], rel=1e-6)
+        assert mine["kept_fraction"] == pytest.approx(theirs["kept_fraction"], abs=1e-6)
+    for key in ("valid_lm_loss_before", "valid_lm_loss_after"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-5), key
+
+    # The trained weights, read back at TP=1/PP=1 from each layout's checkpoint.
+    trained, _ = load_model_checkpoint(work / f"trained_{layout}")
+    expected = dict(load_model_checkpoint(work / "trained_single")[0].named_parameters())
+    routers = 0
+    for name, param in trained.named_parameters():
+        diff = (param.detach() - expected[name].detach()).abs().max().item()
+        assert diff < 2e-5, f"{name}: max |diff| {diff}"
+        routers += name.endswith("router.weight")
+    assert routers == 4
