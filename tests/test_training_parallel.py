@@ -132,3 +132,25 @@ def test_layout_reproduces_the_single_process_run(reference, layout, mcore):
         assert diff < 2e-5, f"{name}: max |diff| {diff}"
         routers += name.endswith("router.weight")
     assert routers == 4
+
+
+@pytest.mark.slow
+def test_bf16_with_distributed_optimizer_tracks_fp32_and_keeps_routers_fp32(reference):
+    import torch
+
+    from megatron_mod.checkpointing import checkpoint_tensor_dtypes, resolve_iteration_dir
+
+    work, ref = reference
+    got = _pretrain(work, "bf16", 2, ["--bf16", "--use-distributed-optimizer"])
+    # bf16 weights with fp32 main weights: the run stays within bf16 rounding of the fp32 one.
+    for mine, theirs in zip(got["step_metrics"], ref["step_metrics"], strict=True):
+        assert mine["lm_loss"] == pytest.approx(theirs["lm_loss"], rel=2e-3)
+        assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=2e-2)
+    assert got["valid_lm_loss_after"] < got["valid_lm_loss_before"]
+    dtypes = checkpoint_tensor_dtypes(resolve_iteration_dir(work / "trained_bf16"))
+    routers = {k: v for k, v in dtypes.items() if ".router." in k}
+    # Linear and embedding weights are bf16 (norm weights follow the norm implementation).
+    linear = {k: v for k, v in dtypes.items() if k.endswith("weight") and "norm" not in k}
+    linear = {k: v for k, v in linear.items() if k not in routers}
+    assert len(routers) == 8 and set(routers.values()) == {torch.float32}
+    assert len(linear) == 6 and set(linear.values()) == {torch.bfloat16}

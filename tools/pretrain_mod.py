@@ -8,7 +8,10 @@ Example::
         --seq-length 1024 --micro-batch-size 4 --train-iters 1000 --lr 3e-5 \
         --mod-load-loss-coeff 0.01 --tensorboard-dir runs/mod
 
-Runs in one process; ``--help`` lists every flag (see megatron_mod/training/pretrain.py).
+The same command runs under ``torchrun`` for tensor, sequence, pipeline and data parallelism
+(``--tensor-model-parallel-size``, ``--sequence-parallel``, ``--pipeline-model-parallel-size``,
+``--use-distributed-optimizer``, ``--bf16``); ``--help`` lists every flag (see
+megatron_mod/training/pretrain.py).
 """
 
 from __future__ import annotations

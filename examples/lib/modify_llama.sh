@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# MoDification of a pretrained HF LLaMA on a GPU cluster: import with routers -> continued
+# pretraining with the load-reducing loss (torchrun, every node) -> Hugging Face export.
+# Sourced by the per-model scripts in examples/, which set the model's parallel layout.
+#
+# Inputs (environment):
+#   HF_DIR       the pretrained HF LLaMA directory (safetensors or pytorch_model*.bin)
+#   DATA_ARGS    a --data-args-path blend file (tools/prepare_corpus.py writes one)
+#   WORK         output root on a shared filesystem (default: work/<model>)
+#   TP PP SP DIST_OPT GBS MBS SEQ ITERS LR MIN_LR WARMUP   layout and schedule (set per model)
+#   MOD_ARGS     extra --mod-* flags for the import (default: every_other, p = 0.5)
+#   GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT: the torchrun rendezvous; under
+#                SLURM they default from SLURM_NNODES, SLURM_NODEID and the first host of
+#                SLURM_JOB_NODELIST, so `srun --ntasks-per-node=1 examples/<model>.sh` works.
+#   DRY_RUN=1    print the commands instead of running them
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+: "${MODEL:?set by the calling script}" "${HF_DIR:?HF_DIR: the pretrained HF model directory}"
+: "${DATA_ARGS:?DATA_ARGS: a --data-args-path blend file (tools/prepare_corpus.py)}"
+WORK=${WORK:-work/$MODEL}
+PY=${PY:-python}
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+NNODES=${NNODES:-${SLURM_NNODES:-1}}
+NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
+if [ -z "${MASTER_ADDR:-}" ]; then
+  if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  else
+    MASTER_ADDR=localhost
+  fi
+fi
+MASTER_PORT=${MASTER_PORT:-29500}
+WORLD=$((GPUS_PER_NODE * NNODES))
+if [ $((WORLD % (TP * PP))) -ne 0 ]; then
+  echo "error: $WORLD GPUs are not a multiple of TP x PP = $TP x $PP" >&2
+  exit 2
+fi
+DP=$((WORLD / (TP * PP)))
+
+run() {
+  if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
+}
+
+echo "== $MODEL: $NNODES node(s) x $GPUS_PER_NODE GPUs | TP $TP PP $PP DP $DP | node $NODE_RANK"
+CKPT_MOD=$WORK/ckpt_mod
+CKPT_TRAINED=$WORK/ckpt_trained
+
+# 1. Import (node 0 only; the others wait for the checkpoint on the shared filesystem).
+if [ "$NODE_RANK" = 0 ]; then
+  if [ -f "$CKPT_MOD/latest" ]; then
+    echo "== [1/3] $CKPT_MOD exists, import skipped"
+  else
+    echo "== [1/3] import $HF_DIR -> $CKPT_MOD"
+    # shellcheck disable=SC2086
+    run "$PY" tools/convert_hf_to_megatron.py --hf-dir "$HF_DIR" --out-dir "$CKPT_MOD" \
+      --tp "$TP" --pp "$PP" --dtype bf16 ${MOD_ARGS:---mod-routed-layers every_other --mod-threshold 0.5}
+  fi
+elif [ "${DRY_RUN:-0}" != 1 ]; then
+  echo "== [1/3] waiting for node 0 to import $CKPT_MOD"
+  until [ -f "$CKPT_MOD/latest" ]; do sleep 10; done
+fi
+
+# 2. Continued pretraining with the load-reducing loss, on every node.
+echo "== [2/3] continued pretraining -> $CKPT_TRAINED"
+extra=()
+[ "${SP:-0}" = 1 ] && extra+=(--sequence-parallel)
+[ "${DIST_OPT:-1}" = 1 ] && extra+=(--use-distributed-optimizer --overlap-grad-reduce)
+run "$PY" -m torch.distributed.run --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" \
+  --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+  tools/pretrain_mod.py --load "$CKPT_MOD" --save "$CKPT_TRAINED" \
+  --data-args-path "$DATA_ARGS" --split 998,2,0 --data-cache-path "$WORK/data_cache" \
+  --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" "${extra[@]}" --bf16 \
+  --seq-length "$SEQ" --micro-batch-size "$MBS" --global-batch-size "$GBS" \
+  --train-iters "$ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP" \
+  --weight-decay 0.1 --clip-grad 1.0 --mod-load-loss-coeff 0.01 \
+  --eval-interval 500 --eval-iters 10 --log-interval 10 \
+  --tensorboard-dir "$WORK/tensorboard" --summary-json "$WORK/pretrain_summary.json"
+
+# 3. Export (node 0).
+if [ "$NODE_RANK" = 0 ]; then
+  echo "== [3/3] export -> $WORK/hf_mod (transformers, trust_remote_code)"
+  run "$PY" tools/convert_megatron_to_hf.py --ckpt-dir "$CKPT_TRAINED" --out-dir "$WORK/hf_mod" \
+    --dtype bf16 --overwrite
+fi
