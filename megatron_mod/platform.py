@@ -71,6 +71,19 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _CpuStream:
+    """What ``torch.cuda.current_stream()`` returns on CPU: CPU work is already ordered."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
 def _make_cpu_rng_tracker_class():
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -115,6 +128,8 @@ def apply_cpu_patches() -> None:
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.manual_seed = lambda *a, **k: None
     torch.cuda.manual_seed_all = lambda *a, **k: None
+    # megatron-core >= 0.19's DDP orders its gradient reduction after the current stream.
+    torch.cuda.current_stream = lambda *a, **k: _CpuStream()
 
     from megatron.core.tensor_parallel import random as mcore_random
 
