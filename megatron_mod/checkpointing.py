@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from megatron_mod.atomic import write_text_atomic
 from megatron_mod.config import MoDConfig
 
 __all__ = [
@@ -202,16 +203,10 @@ class CheckpointMetadata:
         )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_checkpoint_metadata(ckpt_dir: str | os.PathLike, metadata: CheckpointMetadata) -> None:
     """Write ``megatron_mod_config.json`` atomically."""
     text = json.dumps(metadata.to_dict(), indent=2, sort_keys=True) + "\n"
-    _atomic_write_text(Path(ckpt_dir) / CONFIG_FILENAME, text)
+    write_text_atomic(Path(ckpt_dir) / CONFIG_FILENAME, text)
 
 
 def read_checkpoint_metadata(ckpt_dir: str | os.PathLike) -> CheckpointMetadata:
@@ -236,7 +231,7 @@ def read_checkpoint_metadata(ckpt_dir: str | os.PathLike) -> CheckpointMetadata:
 
 def write_latest(ckpt_dir: str | os.PathLike, iteration: int) -> None:
     """Point ``latest`` at ``iter_{iteration:07d}`` (atomically)."""
-    _atomic_write_text(Path(ckpt_dir) / LATEST_FILENAME, iteration_dir_name(iteration) + "\n")
+    write_text_atomic(Path(ckpt_dir) / LATEST_FILENAME, iteration_dir_name(iteration) + "\n")
 
 
 def resolve_iteration_dir(ckpt_dir: str | os.PathLike, iteration: int | None = None) -> Path:

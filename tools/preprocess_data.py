@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 
+from megatron_mod.atomic import write_text_atomic
 from megatron_mod.data.preprocess import DataError, PreprocessConfig, preprocess
 from megatron_mod.data.sentences import PunktUnavailable
 from megatron_mod.data.tokenizers import TOKENIZER_TYPES
@@ -126,8 +127,7 @@ def main(argv=None) -> int:
         return 1
     print(summary.format())
     if args.summary_json:
-        with open(args.summary_json, "w", encoding="utf-8") as f:
-            json.dump(summary.to_dict(), f, indent=2)
+        write_text_atomic(args.summary_json, json.dumps(summary.to_dict(), indent=2))
     return 0
 
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_mod.atomic import write_text_atomic
 from megatron_mod.data.preprocess import (
     PreprocessConfig,
     PreprocessSummary,
@@ -378,10 +379,10 @@ def prepare_corpus(
                 )
             )
             summary = s.to_dict()
-            tmp = _stamp_path(base) + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"digest": digest, **stamp, "summary": summary}, f, indent=1)
-            os.replace(tmp, _stamp_path(base))
+            write_text_atomic(
+                _stamp_path(base),
+                json.dumps({"digest": digest, **stamp, "summary": summary}, indent=1),
+            )
             up_to_date = False
         results.append(
             SourceResult(
@@ -413,9 +414,7 @@ def _write_blend(results: Sequence[SourceResult], out_dir: Path) -> tuple[str, s
     pairs = _blend_pairs(results)
     data_path = " ".join(f"{w:.8g} {p}" for w, p in pairs)
     args_file = out_dir / "blend.txt"
-    tmp = args_file.with_suffix(".txt.tmp")
-    tmp.write_text("".join(f"{w:.8g} {p}\n" for w, p in pairs), encoding="utf-8")
-    os.replace(tmp, args_file)
+    write_text_atomic(args_file, "".join(f"{w:.8g} {p}\n" for w, p in pairs))
     table = [
         {"name": r.name, "weight": r.weight, "documents": r.documents, "tokens": r.tokens,
          "prefixes": r.prefixes, "skipped": r.skipped, "filtered": r.filtered}

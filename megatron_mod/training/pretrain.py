@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -215,6 +214,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     from megatron.core import parallel_state
 
     from megatron_mod import platform
+    from megatron_mod.atomic import write_text_atomic
     from megatron_mod.checkpointing import (
         load_model_checkpoint,
         read_checkpoint_metadata,
@@ -386,10 +386,7 @@ def pretrain(args: argparse.Namespace) -> dict:
         flush=True,
     )
     if args.summary_json and rank == 0:
-        path = Path(args.summary_json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, path)
+        Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(args.summary_json, json.dumps(summary, indent=1))
     platform.destroy()
     return summary
