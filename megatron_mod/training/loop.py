@@ -21,7 +21,16 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_mod.metrics import MoDMetricsTracker, get_metrics_tracker
 from megatron_mod.router import set_load_loss_scale
 
-__all__ = ["TrainConfig", "StepResult", "EvalResult", "train", "evaluate", "make_forward_step"]
+__all__ = [
+    "TrainConfig",
+    "StepResult",
+    "EvalResult",
+    "train",
+    "evaluate",
+    "make_forward_step",
+    "format_kept",
+    "format_kept_per_layer",
+]
 
 
 @dataclass
@@ -109,7 +118,7 @@ def make_forward_step(micro_batch_size: int, seq_length: int):
 
 
 def _metric_groups() -> list:
-    """Process groups that routing statistics are summed over: pipeline stages and DP replicas."""
+    """Process groups that step metrics are summed over: pipeline stages and DP replicas."""
     return [
         parallel_state.get_pipeline_model_parallel_group(),
         parallel_state.get_data_parallel_group(),
@@ -121,9 +130,20 @@ def _mean_lm_loss(losses) -> float:
     lm_loss = torch.zeros(1)
     if parallel_state.is_pipeline_last_stage() and losses:
         lm_loss += sum(float(x["lm loss"]) for x in losses) / len(losses)
-    torch.distributed.all_reduce(lm_loss, group=parallel_state.get_pipeline_model_parallel_group())
-    torch.distributed.all_reduce(lm_loss, group=parallel_state.get_data_parallel_group())
+    # Only the last stage holds a loss, so the pipeline sum is that loss; DP replicas are averaged.
+    for group in _metric_groups():
+        torch.distributed.all_reduce(lm_loss, group=group)
     return float(lm_loss) / parallel_state.get_data_parallel_world_size()
+
+
+def format_kept(kept_fraction: dict[int, float]) -> str:
+    """Per-layer kept fractions for a log line: ``1:0.33 3:0.08``."""
+    return " ".join(f"{k}:{v:.2f}" for k, v in sorted(kept_fraction.items()))
+
+
+def format_kept_per_layer(kept_fraction: dict[int, float]) -> str:
+    """Per-layer kept fractions for a summary: ``layer 1: 0.33, layer 3: 0.08``."""
+    return ", ".join(f"layer {k}: {v:.2f}" for k, v in sorted(kept_fraction.items()))
 
 
 @dataclass
@@ -267,7 +287,7 @@ def train(
             iteration % cfg.log_interval == 0 or iteration in (1, cfg.train_iters)
         ):
             elapsed = (time.perf_counter() - start) / iteration
-            kept = " ".join(f"{k}:{v:.2f}" for k, v in sorted(result.kept_fraction.items()))
+            kept = format_kept(result.kept_fraction)
             print(
                 f" iteration {iteration:5d}/{cfg.train_iters} | lm loss {result.lm_loss:.4f} | "
                 f"load loss {result.load_loss:.5f} | grad norm {grad_norm:.3f} | lr {lr:.2e} | "

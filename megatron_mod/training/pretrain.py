@@ -222,7 +222,13 @@ def pretrain(args: argparse.Namespace) -> dict:
     )
     from megatron_mod.data.datasets import build_gpt_datasets, read_data_args_file
     from megatron_mod.data.megatron_tokenizer import megatron_tokenizer
-    from megatron_mod.training.loop import TrainConfig, evaluate, train
+    from megatron_mod.training.loop import (
+        TrainConfig,
+        evaluate,
+        format_kept,
+        format_kept_per_layer,
+        train,
+    )
 
     load, save = Path(args.load), Path(args.save)
     metadata = read_checkpoint_metadata(load)
@@ -303,7 +309,7 @@ def pretrain(args: argparse.Namespace) -> dict:
             args.seq_length,
             num_layers,
         )
-        kept = " ".join(f"{k}:{v:.2f}" for k, v in sorted(result.kept_fraction.items()))
+        kept = format_kept(result.kept_fraction)
         log(
             f" validation ({label}) | lm loss {result.lm_loss:.4f} | "
             f"c_eff {result.c_eff:.3f} | kept {kept}",
@@ -377,7 +383,7 @@ def pretrain(args: argparse.Namespace) -> dict:
         },
         "step_metrics": [dataclasses.asdict(r) for r in results],
     }
-    kept = ", ".join(f"layer {k}: {v:.2f}" for k, v in sorted(after.kept_fraction.items()))
+    kept = format_kept_per_layer(after.kept_fraction)
     log(
         f"\nsummary: {summary['steps']} steps in {summary['seconds']} s | train lm loss "
         f"{summary['train_lm_loss_first']:.3f} -> {summary['train_lm_loss_last']:.3f} | "

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     from megatron_mod import platform
     from megatron_mod.config import MoDConfig
     from megatron_mod.models import build_gpt_model, llama_config
-    from megatron_mod.training.loop import TrainConfig, train
+    from megatron_mod.training.loop import TrainConfig, format_kept_per_layer, train
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="tiny")
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         config.num_layers,
     )
     first, last = results[0], results[-1]
-    kept = ", ".join(f"layer {k}: {v:.2f}" for k, v in sorted(last.kept_fraction.items()))
+    kept = format_kept_per_layer(last.kept_fraction)
     print(
         f"\nsummary: {len(results)} steps | lm loss {first.lm_loss:.3f} -> {last.lm_loss:.3f} | "
         f"load loss {last.load_loss:.5f} | c_eff {last.c_eff:.3f}\n"
