@@ -19,6 +19,7 @@ import torch
 from megatron_mod.config import MoDConfig
 from megatron_mod.hf import mapping as M
 from tests.subprocess_utils import REPO, run_script, subprocess_env
+from tests.tiny_llama import TINY_LLAMA
 
 DIST_SCRIPT = Path(__file__).parent / "distributed" / "convert_load_check.py"
 VOCAB, PADDED = 250, 256
@@ -34,18 +35,7 @@ def _dims(vocab=VOCAB, padded=PADDED) -> M.LlamaDims:
 def _hf_config(**overrides):
     from transformers import LlamaConfig
 
-    values = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-    )
+    values = dict(vocab_size=VOCAB, **TINY_LLAMA, rope_theta=10000.0)
     values.update(overrides)
     return LlamaConfig(**values)
 

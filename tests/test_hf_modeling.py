@@ -18,19 +18,13 @@ import torch
 
 from megatron_mod.hf.configuration_llama_mod import LlamaModConfig
 from megatron_mod.hf.modeling_llama_mod import LlamaModCache, LlamaModForCausalLM
+from tests.tiny_llama import TINY_LLAMA
 
 VOCAB = 250
 HF_DIR = Path(__file__).resolve().parents[1] / "megatron_mod" / "hf"
 BASE = dict(
     vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=176,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
+    **TINY_LLAMA,
     pad_token_id=0,
     bos_token_id=None,
     eos_token_id=None,
