@@ -21,16 +21,14 @@ import os
 import platform as py_platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
 import torch
-from host import cpu_name, cpu_tag, usable_cores
+from host import cpu_name, cpu_tag, run_with_peak_memory, usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,32 +122,10 @@ def run_measured(cmd: list[str]) -> dict:
     }
     # One thread: conversion is copy/IO bound, and the machine's other cores stay free.
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    start = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    stop = threading.Event()
-
-    def poll():
-        nonlocal peak
-        ps = psutil.Process(proc.pid)
-        while not stop.is_set():
-            try:
-                rss = ps.memory_info().rss
-                rss += sum(c.memory_info().rss for c in ps.children(recursive=True))
-                peak = max(peak, rss)
-            except psutil.Error:
-                pass
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    out, err = proc.communicate()
-    stop.set()
-    thread.join()
-    wall = time.time() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd} failed:\n{out[-2000:]}\n{err[-4000:]}")
-    return {"wall_s": round(wall, 2), "peak_rss_bytes": peak, "stdout": out}
+    res, wall, peak = run_with_peak_memory(cmd, env, measure="rss", interval_s=0.02)
+    if res.returncode != 0:
+        raise RuntimeError(f"{cmd} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    return {"wall_s": round(wall, 2), "peak_rss_bytes": peak, "stdout": res.stdout}
 
 
 def baseline_rss() -> int:

@@ -33,8 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-from host import cpu_name, cpu_tag, usable_cores
+from host import cpu_name, cpu_tag, run_with_peak_memory, usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -63,20 +62,8 @@ def run_measured(cmd: list[str], env: dict) -> tuple[float, float, subprocess.Co
     Memory is the sum of PSS (proportional set size) over the process and its workers, so pages
     that forked workers share with the parent count once, not once per process.
     """
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            rss = sum(p.memory_full_info().pss for p in [ps, *ps.children(recursive=True)])
-            peak = max(peak, rss)
-        except psutil.Error:
-            pass
-        time.sleep(0.25)
-    out, err = proc.communicate()
-    wall = time.perf_counter() - start
-    return wall, peak / 2**20, subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    res, wall, peak = run_with_peak_memory(cmd, env, measure="pss", interval_s=0.25)
+    return wall, peak / 2**20, res
 
 
 MLM_PATHS = ("tools/preprocess_data.py", "megatron/training", "megatron/legacy", "megatron/rl",
