@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import math
-import os
 import sysconfig
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from megatron_mod.data.local_text import write_jsonl
 
 
 def stdlib_docstrings(min_chars: int = 200) -> list[str]:
@@ -52,15 +52,6 @@ def stdlib_docstrings(min_chars: int = 200) -> list[str]:
     if not texts:
         raise FileNotFoundError(f"no docstrings found under {root}")
     return texts
-
-
-def write_corpus(texts: list[str], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}) + "\n")
-    os.replace(tmp, path)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
@@ -139,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     texts = stdlib_docstrings()
     texts, heldout = texts[: -args.heldout_docs], texts[-args.heldout_docs :]
     corpus = out / "corpus" / "train.jsonl"
-    write_corpus(texts, corpus)
-    write_corpus(heldout, out / "corpus" / "heldout.jsonl")
+    write_jsonl(texts, corpus)
+    write_jsonl(heldout, out / "corpus" / "heldout.jsonl")
     tokenizer = train_tokenizer(texts, args.vocab_size, base)
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
     stream = torch.tensor([t for doc in ids for t in [*doc, tokenizer.eos_token_id]])

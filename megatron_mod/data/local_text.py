@@ -15,6 +15,8 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from megatron_mod.atomic import write_text_atomic
+
 __all__ = [
     "licence_paragraphs",
     "local_english_documents",
@@ -66,12 +68,10 @@ def local_english_documents(min_chars: int = 200, limit: int | None = None) -> l
 
 
 def write_jsonl(texts: Sequence[str], path: str | os.PathLike, key: str = "text") -> Path:
-    """Write one ``{key: text}`` JSON object per line."""
+    """Write one ``{key: text}`` JSON object per line (whole or not at all)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for text in texts:
-            f.write(json.dumps({key: text}) + "\n")
+    write_text_atomic(path, "".join(json.dumps({key: text}) + "\n" for text in texts))
     return path
 
 
