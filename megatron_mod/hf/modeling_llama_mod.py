@@ -101,7 +101,10 @@ class LlamaModCache:
     Each layer holds right-padded tensors ``keys``/``values`` ``[b, kv_heads, capacity, head_dim]``
     (post-RoPE), ``positions`` ``[b, capacity]`` (the original position id of each stored token)
     and ``lengths`` ``[b]`` (valid entries per sequence). A routed layer appends only its kept
-    tokens; a skipped token adds nothing. Padding tokens are never stored.
+    tokens; a skipped token adds nothing. Padding tokens are never stored. ``capacity`` grows to
+    the next multiple of 64 slots, so at most one such chunk per layer (plus, in a batch, the
+    slots by which a sequence is shorter than the layer's longest) is allocated and unused:
+    :meth:`allocated_bytes` against :meth:`stored_bytes`.
 
     It is created by ``LlamaModModel.forward`` when ``use_cache=True`` and returned as
     ``past_key_values``; ``generate()`` passes it back. It cannot be rolled back, so assisted
@@ -149,6 +152,28 @@ class LlamaModCache:
             return torch.zeros(batch, dtype=torch.long)
         return lengths.clone()
 
+    def stored_bytes(self) -> int:
+        """Bytes of the entries in use: K, V and position of every stored token, all layers."""
+        total = 0
+        for keys, values, positions, lengths in zip(
+            self.keys, self.values, self.positions, self.lengths
+        ):
+            if keys is None:
+                continue
+            per_token = keys.shape[1] * keys.shape[3]
+            per_token *= keys.element_size() + values.element_size()
+            total += int(lengths.sum()) * (per_token + positions.element_size())
+        return total
+
+    def allocated_bytes(self) -> int:
+        """Bytes the cache's tensors occupy (capacity, not use), all layers."""
+        total = 0
+        for store in (self.keys, self.values, self.positions, self.lengths):
+            total += sum(t.numel() * t.element_size() for t in store if t is not None)
+        if self.real_tokens is not None:
+            total += self.real_tokens.numel() * self.real_tokens.element_size()
+        return total
+
     def layer_positions(self, layer_idx: int, batch_index: int) -> torch.Tensor:
         """Original position ids of the tokens layer ``layer_idx`` stored for one sequence."""
         if self.lengths[layer_idx] is None:
@@ -177,8 +202,11 @@ class LlamaModCache:
         if keys is not None and keys.shape[2] >= needed:
             return
         old = 0 if keys is None else keys.shape[2]
-        capacity = max(needed, 2 * old)
-        capacity = -(-capacity // _CACHE_CHUNK) * _CACHE_CHUNK
+        # Grow to the next multiple of the chunk, never by doubling: a cache should hold at most
+        # one chunk of unused slots per layer, or its allocated memory can exceed a dense cache's
+        # (doubling left up to half of it empty). A decode step therefore copies the layer once
+        # every _CACHE_CHUNK appended tokens: O(length / chunk) per token, small next to attention.
+        capacity = -(-needed // _CACHE_CHUNK) * _CACHE_CHUNK
         new_keys = like.new_zeros(batch, heads, capacity, head_dim)
         new_values = like.new_zeros(batch, heads, capacity, head_dim)
         new_positions = torch.zeros(batch, capacity, dtype=torch.long, device=like.device)

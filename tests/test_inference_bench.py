@@ -1,0 +1,142 @@
+"""MoD KV cache memory (allocated vs stored) and ``benchmarks/bench_inference.py`` at tiny size.
+
+The cache's bytes are counted here straight from its tensors (not through its own accounting
+methods), and the dense reference is ``transformers``' own ``DynamicCache`` filled by the stock
+``LlamaForCausalLM``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_mod.hf.configuration_llama_mod import LlamaModConfig
+from megatron_mod.hf.modeling_llama_mod import LlamaModCache, LlamaModForCausalLM
+from tests.tiny_llama import TINY_LLAMA
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 250
+CHUNK = 64  # the cache's growth unit (slots); the bound below allows one per layer
+BASE = dict(
+    vocab_size=VOCAB,
+    **{**TINY_LLAMA, "max_position_embeddings": 2048},
+    pad_token_id=0,
+    bos_token_id=None,
+    eos_token_id=None,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(router_bias: float) -> LlamaModForCausalLM:
+    torch.manual_seed(0)
+    model = LlamaModForCausalLM(LlamaModConfig(**BASE, mod_routed_layers="every_other")).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "router.weight" in name:
+                param.normal_(0.0, 0.2)
+            elif "router.bias" in name:
+                param.fill_(router_bias)
+            elif "embed" in name or "lm_head" in name:
+                param.normal_(0.0, 1.0)
+    return model
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _allocated(cache: LlamaModCache, layer: int) -> int:
+    return _tensor_bytes([cache.keys[layer], cache.values[layer], cache.positions[layer]])
+
+
+def _slot_bytes(cache: LlamaModCache, layer: int) -> int:
+    """Bytes of one stored token in one sequence: its key, value and position id."""
+    k, v, pos = cache.keys[layer], cache.values[layer], cache.positions[layer]
+    return k.shape[1] * k.shape[3] * (k.element_size() + v.element_size()) + pos.element_size()
+
+
+def _prefill_and_decode(model, ids: torch.Tensor, steps: int) -> LlamaModCache:
+    """Greedy decode with the cache (one token per step), as generate() drives it."""
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache = out.past_key_values
+        for _ in range(steps):
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = model(nxt, past_key_values=cache, use_cache=True)
+    return cache
+
+
+@pytest.mark.parametrize("router_bias", [0.0, 30.0], ids=["routed", "all-kept"])
+def test_cache_allocates_at_most_one_chunk_beyond_what_it_stores(router_bias):
+    # 300-token prompt then 40 decode steps: growing by doubling would allocate 640 slots per
+    # layer for ~340 stored tokens; growing by chunks allocates at most 64 slots unused.
+    model = _model(router_bias)
+    ids = torch.randint(1, VOCAB, (1, 300), generator=torch.Generator().manual_seed(1))
+    cache = _prefill_and_decode(model, ids, steps=40)
+    total_allocated = total_stored = 0
+    for layer in range(model.config.num_hidden_layers):
+        stored_tokens = int(cache.lengths[layer].sum())
+        slot = _slot_bytes(cache, layer)
+        allocated = _allocated(cache, layer)
+        assert allocated <= stored_tokens * slot + CHUNK * slot, (
+            f"layer {layer}: allocated {allocated} B for {stored_tokens} stored tokens "
+            f"({stored_tokens * slot} B)"
+        )
+        total_allocated += allocated
+        total_stored += stored_tokens * slot
+    assert cache.stored_bytes() == total_stored
+    assert total_allocated <= cache.allocated_bytes() <= total_allocated + 1024
+    if router_bias == 0.0:  # routed layers really store fewer tokens than dense ones
+        routed = model.config.mod_routed_layers
+        assert all(int(cache.lengths[i].sum()) < 340 for i in routed)
+        assert all(int(cache.lengths[i].sum()) == 340 for i in (0, 2))
+
+
+def test_all_kept_cache_allocates_within_one_chunk_of_transformers_dynamic_cache():
+    # Every token kept (bias +30): the MoD cache stores what transformers' DynamicCache stores
+    # for the stock model with the same weights, and allocates at most one chunk more per layer
+    # (plus the 8-byte position id of each token).
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = _model(router_bias=30.0)
+    stock = LlamaForCausalLM(LlamaConfig(**BASE)).eval()
+    state = {k: v for k, v in model.state_dict().items() if ".router." not in k}
+    stock.load_state_dict(state, strict=True)
+    ids = torch.randint(1, VOCAB, (2, 200), generator=torch.Generator().manual_seed(2))
+    cache = _prefill_and_decode(model, ids, steps=70)
+    with torch.no_grad():
+        out = stock(ids, use_cache=True)
+        dense = out.past_key_values
+        for _ in range(70):
+            out = stock(out.logits[:, -1:].argmax(-1), past_key_values=dense, use_cache=True)
+    if hasattr(dense, "layers"):
+        dense_kv = [(layer.keys, layer.values) for layer in dense.layers]
+    else:  # older transformers
+        dense_kv = list(zip(dense.key_cache, dense.value_cache))
+    for layer, (k, v) in enumerate(dense_kv):
+        assert k.shape[2] == 270
+        dense_bytes = _tensor_bytes([k, v])
+        kv_allocated = _tensor_bytes([cache.keys[layer], cache.values[layer]])
+        per_slot = 2 * k.shape[1] * k.shape[3] * k.element_size()
+        assert dense_bytes <= kv_allocated <= dense_bytes + ids.shape[0] * CHUNK * per_slot
+
+
+def test_batched_cache_allocates_at_most_the_longest_sequence_plus_one_chunk():
+    # Sequences of one batch keep different numbers of tokens; each layer's capacity is the
+    # longest sequence's count rounded up to a chunk, never doubled.
+    model = _model(router_bias=0.0)
+    ids = torch.randint(1, VOCAB, (3, 257), generator=torch.Generator().manual_seed(3))
+    cache = _prefill_and_decode(model, ids, steps=66)
+    for layer in range(model.config.num_hidden_layers):
+        longest = int(cache.lengths[layer].max())
+        capacity = cache.keys[layer].shape[2]
+        assert longest <= capacity < longest + CHUNK, (layer, longest, capacity)
