@@ -20,9 +20,12 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_mod import device_guard
+
 __all__ = ["initialize", "destroy", "is_cpu_mode", "apply_cpu_patches", "device"]
 
 _CPU_PATCHED = False
+_CUDA_STAND_IN = device_guard.CudaStandIn("cpu")
 _CPU_MODE: TorchFunctionMode | None = None
 
 
@@ -117,14 +120,19 @@ def _make_cpu_rng_tracker_class():
 
 
 def apply_cpu_patches() -> None:
-    """Make megatron-core usable on a CUDA-less host. Idempotent; a no-op when CUDA exists."""
+    """Make megatron-core usable on a CUDA-less host. Idempotent; a no-op when CUDA exists.
+
+    With ``MEGATRON_MOD_DEVICE_GUARD=1`` it also enters :class:`~megatron_mod.device_guard.
+    DeviceGuardMode`, which fails where a GPU run would put a host tensor (tests use it).
+    """
     global _CPU_PATCHED, _CPU_MODE
     if _CPU_PATCHED or not is_cpu_mode():
         return
 
     # "cpu" rather than an index: megatron passes current_device() straight into `device=`, also
-    # inside autograd backward functions, where a TorchFunctionMode is not active.
-    torch.cuda.current_device = lambda: "cpu"
+    # inside autograd backward functions, where a TorchFunctionMode is not active. The string is
+    # marked so that the device guard knows the caller meant the compute device.
+    torch.cuda.current_device = lambda: _CUDA_STAND_IN
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.manual_seed = lambda *a, **k: None
     torch.cuda.manual_seed_all = lambda *a, **k: None
@@ -150,6 +158,9 @@ def apply_cpu_patches() -> None:
 
     _CPU_MODE = _CudaToCpuMode()
     _CPU_MODE.__enter__()
+    if device_guard.guard_requested():
+        # Entered after the CPU mode, so it sees calls before their CUDA devices are rewritten.
+        device_guard.enter_process_wide()
     _CPU_PATCHED = True
 
 

@@ -20,6 +20,27 @@ def mcore():
     platform.destroy()
 
 
+@pytest.fixture
+def device_guard(mcore):
+    """Fail where a GPU run would see a host tensor (see megatron_mod.device_guard)."""
+    from megatron_mod import device_guard
+
+    with device_guard.enabled():
+        yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skip them on CPU-only hosts."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_check.sh on a GPU host)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_report_header(config):
     """Which torch, megatron-core and transformers the suite runs against (and from where)."""
     import megatron.core

@@ -20,7 +20,7 @@ def rms_norm(x, weight, eps):
 
 def rope(x, positions, base, dim):
     """x: [t, heads, dim]; rotate-half RoPE at integer positions [t]."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
     x1, x2 = x[..., : dim // 2], x[..., dim // 2 :]
@@ -48,7 +48,7 @@ def dense_layer_on_tokens(layer, h, positions, rotary_base):
     k = k.repeat_interleave(q_per_group, dim=1)
     v = v.repeat_interleave(q_per_group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(head_dim)
-    causal = torch.ones(h.shape[0], h.shape[0], dtype=torch.bool).triu(1)
+    causal = torch.ones(h.shape[0], h.shape[0], dtype=torch.bool, device=h.device).triu(1)
     probs = scores.masked_fill(causal, float("-inf")).softmax(-1)
     attn = torch.einsum("hqk,khd->qhd", probs, v).reshape(h.shape[0], heads * head_dim)
     h = h + attn @ sd["self_attention.linear_proj.weight"].t()

@@ -12,6 +12,11 @@ from tests.mod_reference import mod_layer_reference
 VOCAB = 96
 SEQ = 24
 
+# Every test here runs under the device guard: a host tensor where a GPU run needs the compute
+# device fails the test (megatron_mod.device_guard).
+pytestmark = pytest.mark.usefixtures("device_guard")
+DEVICE = torch.device("cpu")  # tests run on CPU; an explicit device keeps the guard satisfied
+
 
 def _tiny(**overrides):
     from megatron_mod.models import llama_config
@@ -36,10 +41,12 @@ def _copy_dense_weights(dense, mod_model):
 
 
 def _batch(batch=3, seq=SEQ, seed=0):
+    from megatron_mod import platform
+
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, VOCAB, (batch, seq), generator=gen)
     positions = torch.arange(seq)[None].expand(batch, -1)
-    return tokens, positions
+    return tokens.to(platform.device()), positions.to(platform.device())
 
 
 def _routed_layers(model):
@@ -240,7 +247,7 @@ def test_mod_layer_matches_independent_reference(mcore, gate):
     with torch.no_grad():
         layer.router.weight.normal_(0, 1.0)
         layer.router.bias.zero_()
-    hidden = torch.randn(seq, batch, layer.config.hidden_size)
+    hidden = torch.randn(seq, batch, layer.config.hidden_size, device=DEVICE)
     with torch.no_grad():
         out, _ = layer(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
         ref, keep = mod_layer_reference(layer, hidden, 10000, 0.5, gate)
@@ -262,7 +269,7 @@ def test_topk_layer_matches_reference(mcore):
     layer, rope, _ = _layer_and_rope(mod_config, seq)
     with torch.no_grad():
         layer.router.weight.normal_(0, 1.0)
-    hidden = torch.randn(seq, batch, layer.config.hidden_size)
+    hidden = torch.randn(seq, batch, layer.config.hidden_size, device=DEVICE)
     with torch.no_grad():
         out, _ = layer(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
         logits = layer.router(hidden)
@@ -277,7 +284,7 @@ def test_degenerate_routing_cases(mcore):
 
     seq, batch = 12, 2
     layer, rope, config = _layer_and_rope(MoDConfig(routed_layers="all"), seq)
-    hidden = torch.randn(seq, batch, config.hidden_size)
+    hidden = torch.randn(seq, batch, config.hidden_size, device=DEVICE)
     # Router reads one feature: its sign decides, so sequences can be made all-kept / all-skipped.
     with torch.no_grad():
         layer.router.weight.zero_()
@@ -316,7 +323,7 @@ def test_zero_kept_still_gives_router_load_loss_gradient(mcore):
     layer, rope, config = _layer_and_rope(MoDConfig(routed_layers="all"), seq)
     with torch.no_grad():
         layer.router.bias.fill_(-5.0)
-    hidden = torch.randn(seq, batch, config.hidden_size)
+    hidden = torch.randn(seq, batch, config.hidden_size, device=DEVICE)
     out, _ = layer(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
     assert not bool(layer.last_keep.any())
     out.sum().backward()
@@ -335,7 +342,7 @@ def test_gradient_reaches_router_through_gate(mcore):
     layer, rope, config = _layer_and_rope(
         MoDConfig(routed_layers="all", load_loss_coeff=0.0, gate="scale"), seq
     )
-    hidden = torch.randn(seq, batch, config.hidden_size)
+    hidden = torch.randn(seq, batch, config.hidden_size, device=DEVICE)
     out, _ = layer(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
     out.pow(2).sum().backward()
 
@@ -358,7 +365,7 @@ def test_straight_through_gradient_reaches_router(mcore):
     layer, rope, config = _layer_and_rope(
         MoDConfig(routed_layers="all", load_loss_coeff=0.0, gate="straight_through"), seq
     )
-    hidden = torch.randn(seq, batch, config.hidden_size)
+    hidden = torch.randn(seq, batch, config.hidden_size, device=DEVICE)
     out, _ = layer(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
     out.pow(2).sum().backward()
     assert layer.router.bias.grad.abs() > 0
@@ -427,7 +434,7 @@ def test_load_loss_backward_scale_divides_by_microbatches(mcore):
         MoDConfig(routed_layers="all", load_loss_coeff=0.2, router_init_bias=0.0), seq
     )
     layer.train()
-    hidden = torch.randn(seq, batch, config.hidden_size)
+    hidden = torch.randn(seq, batch, config.hidden_size, device=DEVICE)
     grads = []
     for n in (1, 4):
         layer.zero_grad()
@@ -489,5 +496,8 @@ def test_skipped_tokens_cost_no_layer_compute(mcore):
     )
     layer.mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
     with torch.no_grad():
-        layer(hidden_states=torch.randn(seq, batch, config.hidden_size), rotary_pos_emb=rope)
+        layer(
+            hidden_states=torch.randn(seq, batch, config.hidden_size, device=DEVICE),
+            rotary_pos_emb=rope,
+        )
     assert seen == [8, 8]
