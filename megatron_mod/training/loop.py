@@ -4,12 +4,19 @@ It drives megatron-core's pipeline schedule (``get_forward_backward_func``) over
 in megatron-core DDP with the Megatron optimizer (:mod:`megatron_mod.training.optimizer`), so
 the same loop runs data, tensor (with sequence) and pipeline parallel. The load-reducing loss is
 attached with the right backward scale; LM loss, load loss, per-layer kept fraction F_j, mean
-gate G_j and c_eff are logged to stdout and TensorBoard (rank 0), averaged over data-parallel
-ranks.
+gate G_j, c_eff and throughput are logged to stdout and TensorBoard (rank 0), averaged over
+data-parallel ranks.
+
+Everything the loop creates lives on the compute device (:func:`megatron_mod.platform.device`):
+batches are moved there before the model sees them, and each step's LM loss and exit flags are
+reduced in one collective on a device buffer, read back to the host once per step (the skip /
+stop decision and the log line need the value).
 """
 
 from __future__ import annotations
 
+import math
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +25,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_mod import platform
 from megatron_mod.metrics import MoDMetricsTracker, get_metrics_tracker
 from megatron_mod.router import set_load_loss_scale
 
@@ -25,12 +33,18 @@ __all__ = [
     "TrainConfig",
     "StepResult",
     "EvalResult",
+    "NonFiniteError",
+    "ExitSignalHandler",
     "train",
     "evaluate",
     "make_forward_step",
+    "to_device",
     "format_kept",
     "format_kept_per_layer",
 ]
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+ON_NAN_CHOICES = ("skip", "stop")
 
 
 @dataclass
@@ -38,7 +52,7 @@ class TrainConfig:
     """Optimisation and logging settings of :func:`train`."""
 
     train_iters: int = 40
-    """Optimizer steps to run."""
+    """Optimizer steps to run (the last iteration number)."""
     micro_batch_size: int = 4
     """Sequences per micro-batch."""
     num_microbatches: int = 1
@@ -48,9 +62,13 @@ class TrainConfig:
     lr: float = 3e-3
     """Peak learning rate."""
     min_lr: float = 3e-4
-    """Learning rate at the end of the cosine decay."""
+    """Learning rate at the end of the decay."""
     lr_warmup_iters: int = 5
     """Linear warmup steps."""
+    lr_decay_iters: int | None = None
+    """Steps over which the learning rate decays to ``min_lr`` (default: ``train_iters``)."""
+    lr_decay_style: str = "cosine"
+    """Decay after warmup: ``constant``, ``linear``, ``cosine`` or ``inverse-square-root``."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     clip_grad: float = 1.0
@@ -59,6 +77,12 @@ class TrainConfig:
     """Shard optimizer state over data-parallel ranks (megatron-core DistributedOptimizer)."""
     overlap_grad_reduce: bool = False
     """Overlap the data-parallel gradient reduction with the backward pass (GPU runs)."""
+    on_nan: str = "stop"
+    """A non-finite LM loss or gradient norm: ``skip`` the update or ``stop`` with an error."""
+    exit_signal_handler: bool = False
+    """On SIGTERM, finish the current step, let the step hook save, and return."""
+    exit_duration_in_mins: float | None = None
+    """Return (after the step hook saved) once the run has lasted this many minutes."""
     log_interval: int = 5
     """Print a log line every this many steps."""
     tensorboard_dir: str | None = None
@@ -70,8 +94,25 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"TrainConfig needs 0 <= min_lr <= lr and lr > 0 ({self})")
+        if self.lr_warmup_iters < 0:
+            raise ValueError("TrainConfig.lr_warmup_iters must be >= 0")
+        if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
+            raise ValueError("TrainConfig.lr_decay_iters must be >= 1")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ValueError(
+                f"TrainConfig.lr_decay_style {self.lr_decay_style!r}: use one of {LR_DECAY_STYLES}"
+            )
+        if self.on_nan not in ON_NAN_CHOICES:
+            raise ValueError(f"TrainConfig.on_nan {self.on_nan!r}: use one of {ON_NAN_CHOICES}")
+        if self.exit_duration_in_mins is not None and self.exit_duration_in_mins <= 0:
+            raise ValueError("TrainConfig.exit_duration_in_mins must be > 0")
         if self.log_interval < 1:
             raise ValueError("TrainConfig.log_interval must be >= 1")
+
+    @property
+    def decay_iters(self) -> int:
+        """The iterations the LR schedule decays over."""
+        return self.lr_decay_iters or self.train_iters
 
 
 @dataclass
@@ -87,18 +128,63 @@ class StepResult:
     kept_fraction: dict[int, float]
     kth_gate: dict[int, float] = field(default_factory=dict)
     """Top-k routing: per layer, the mean smallest kept gate (see ``RoutingDecision.kth_gate``)."""
+    skipped: bool = False
+    """The update was skipped (non-finite loss or gradient norm with ``on_nan="skip"``)."""
+    step_time: float = 0.0
+    """Seconds this step took (forward, backward, reduction and optimizer update)."""
+    tokens_per_s: float = 0.0
+    """Tokens of the global batch per second of step time."""
+    computed_tokens_per_s: float = 0.0
+    """``tokens_per_s x c_eff``: (token, layer) pairs actually computed, in token units."""
+    mfu: float | None = None
+    """Model FLOPs utilisation (GPU runs with a known peak), counting computed pairs only."""
+    exit_requested: bool = False
+    """SIGTERM or ``exit_duration_in_mins`` was seen (on any rank): the run stops after it."""
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite LM loss or gradient norm with ``on_nan="stop"``."""
+
+
+class ExitSignalHandler:
+    """Records SIGTERM (SLURM's pre-emption warning) instead of dying at once.
+
+    The loop reads :attr:`received` at its per-step reduction, so every rank agrees on the
+    step after which it saves and stops. The previous handler is restored by :meth:`restore`.
+    """
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        self.signum = signum
+        self.received = False
+        self._previous = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def restore(self) -> None:
+        """Put the previous handler back."""
+        signal.signal(self.signum, self._previous)
+
+
+def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` with every tensor on the compute device (asynchronous copies on GPU)."""
+    dev = platform.device()
+    return {key: value.to(dev, non_blocking=True) for key, value in batch.items()}
 
 
 def make_forward_step(micro_batch_size: int, seq_length: int):
     """The ``forward_step_func`` of megatron-core's schedule for ``{"tokens", "labels"}`` batches.
 
     Optional batch keys: ``loss_mask`` ([mbs, seq], 0 where a label must not count, e.g. after
-    an end-of-document token with ``eod_mask_loss``) and ``position_ids``.
+    an end-of-document token with ``eod_mask_loss``) and ``position_ids``. Batches are moved to
+    the compute device here (a no-op for ones already there).
     """
-    default_positions = torch.arange(seq_length).unsqueeze(0).expand(micro_batch_size, -1)
+    default_positions = (
+        torch.arange(seq_length, device=platform.device()).unsqueeze(0).expand(micro_batch_size, -1)
+    )
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = to_device(next(data_iterator))
         positions = batch.get("position_ids", default_positions)
         output = model(batch["tokens"], positions, None, labels=batch["labels"])
         loss_mask = batch.get("loss_mask")
@@ -118,22 +204,41 @@ def make_forward_step(micro_batch_size: int, seq_length: int):
 
 
 def _metric_groups() -> list:
-    """Process groups that step metrics are summed over: pipeline stages and DP replicas."""
-    return [
-        parallel_state.get_pipeline_model_parallel_group(),
-        parallel_state.get_data_parallel_group(),
-    ]
+    """The group step metrics are summed over: all ranks.
+
+    A value lives on the pipeline stage that computes it and is identical on that stage's
+    tensor-parallel ranks, so a sum over every rank is ``TP x`` the sum over stages and
+    data-parallel replicas: averages (sum / count, both scaled alike) are unchanged, and one
+    collective replaces one per group.
+    """
+    return [torch.distributed.group.WORLD]
 
 
-def _mean_lm_loss(losses) -> float:
-    """The micro-batch mean of the LM loss, on every rank: over pipeline stages and DP replicas."""
-    lm_loss = torch.zeros(1)
+def _reduce_step(losses, flags: tuple[bool, ...] = ()) -> tuple[float, list[bool]]:
+    """The micro-batch mean LM loss over DP replicas and any-rank flags, in one collective.
+
+    Args:
+        losses: the schedule's per-micro-batch loss dicts (empty except on the last stage).
+        flags: per-rank booleans (exit requests); the result says whether any rank set each.
+
+    Returns:
+        ``(lm_loss, flags_on_any_rank)``, the same on every rank.
+    """
+    buf = torch.zeros(1 + len(flags), device=platform.device())
     if parallel_state.is_pipeline_last_stage() and losses:
-        lm_loss += sum(float(x["lm loss"]) for x in losses) / len(losses)
-    # Only the last stage holds a loss, so the pipeline sum is that loss; DP replicas are averaged.
-    for group in _metric_groups():
-        torch.distributed.all_reduce(lm_loss, group=group)
-    return float(lm_loss) / parallel_state.get_data_parallel_world_size()
+        buf[0] = torch.stack([x["lm loss"] for x in losses]).mean()
+    for i, flag in enumerate(flags):
+        if flag:
+            buf[1 + i] = 1.0
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(buf)
+    # Only last-stage ranks hold a loss, identical over their TP ranks: divide by TP x DP.
+    replicas = (
+        parallel_state.get_tensor_model_parallel_world_size()
+        * parallel_state.get_data_parallel_world_size()
+    )
+    values = buf.tolist()  # the step's one host sync for these values
+    return values[0] / replicas, [v > 0 for v in values[1:]]
 
 
 def format_kept(kept_fraction: dict[int, float]) -> str:
@@ -153,6 +258,8 @@ class EvalResult:
     lm_loss: float
     c_eff: float
     kept_fraction: dict[int, float]
+    mean_gate: dict[int, float] = field(default_factory=dict)
+    """Per routed layer: the mean router gate G_j."""
 
 
 def evaluate(
@@ -187,14 +294,51 @@ def evaluate(
             micro_batch_size=micro_batch_size,
             forward_only=True,
         )
-    stats = tracker.summary(num_layers, groups=_metric_groups())
+    lm_loss, _ = _reduce_step(losses)
+    stats = tracker.summary(num_layers, groups=_metric_groups(), device=platform.device())
     tracker.clear()
     model.train(was_training)
     return EvalResult(
-        lm_loss=_mean_lm_loss(losses),
+        lm_loss=lm_loss,
         c_eff=MoDMetricsTracker.effective_capacity(stats, num_layers),
         kept_fraction={k: s.kept_fraction for k, s in stats.items()},
+        mean_gate={k: s.mean_gate for k, s in stats.items()},
     )
+
+
+def _open_writer(cfg: TrainConfig):
+    if not cfg.tensorboard_dir or torch.distributed.get_rank() != 0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(cfg.tensorboard_dir)
+
+
+def _write_scalars(writer, result: StepResult, stats: dict, consumed_samples: int) -> None:
+    it = result.iteration
+    scalars = {
+        "lm loss": result.lm_loss,
+        "mod/load loss": result.load_loss,
+        "mod/c_eff": result.c_eff,
+        "grad-norm": result.grad_norm,
+        "learning-rate": result.lr,
+        "skipped": float(result.skipped),
+        "consumed-samples": float(consumed_samples),
+        "throughput/step time (s)": result.step_time,
+        "throughput/tokens per s": result.tokens_per_s,
+        "throughput/computed tokens per s": result.computed_tokens_per_s,
+    }
+    if result.mfu is not None:
+        scalars["throughput/mfu"] = result.mfu
+    for name, value in scalars.items():
+        writer.add_scalar(name, value, it)
+    for layer, s in stats.items():
+        tag = f"layer_{layer:02d}"
+        writer.add_scalar(f"mod/kept_fraction/{tag}", s.kept_fraction, it)
+        writer.add_scalar(f"mod/mean_gate/{tag}", s.mean_gate, it)
+        writer.add_scalar(f"mod/load_loss/{tag}", s.load_loss, it)
+        if s.kth_gate is not None:
+            writer.add_scalar(f"mod/kth_gate/{tag}", s.kth_gate, it)
 
 
 def train(
@@ -203,6 +347,12 @@ def train(
     cfg: TrainConfig,
     num_layers: int,
     step_hook: Callable[[StepResult], None] | None = None,
+    *,
+    training: tuple | None = None,
+    start_iteration: int = 0,
+    flops=None,
+    writer=None,
+    run_start: float | None = None,
 ) -> list[StepResult]:
     """Train ``model`` on ``batches`` of ``{"tokens", "labels"}`` ([mbs, seq] each).
 
@@ -213,90 +363,153 @@ def train(
     Args:
         model: this rank's GPTModel (from :func:`megatron_mod.models.build_gpt_model`).
         batches: an endless iterator of this rank's micro-batches (its data-parallel share,
-            e.g. from :func:`megatron_mod.training.pretrain.gpt_batches`).
+            e.g. from :func:`megatron_mod.training.pretrain.gpt_batches`), positioned at
+            ``start_iteration``'s data.
         cfg: optimisation and logging settings.
         num_layers: total layers of the model (for c_eff and metrics across stages).
-        step_hook: called after every step (periodic evaluation, checkpointing).
+        step_hook: called after every step (periodic evaluation, checkpointing); a step with
+            ``exit_requested`` is the last one, so the hook saves then.
+        training: ``(ddp_model, optimizer, scheduler)`` from
+            :func:`~megatron_mod.training.optimizer.setup_model_and_optimizer`, e.g. with a
+            checkpoint's state loaded (default: built here).
+        start_iteration: iterations already done (resuming): the loop runs the rest.
+        flops: a :class:`~megatron_mod.training.throughput.ModelFlops` for MFU (GPU only).
+        writer: a TensorBoard ``SummaryWriter`` (rank 0); default: one on
+            ``cfg.tensorboard_dir``.
+        run_start: ``time.monotonic()`` at the start of the run, for ``exit_duration_in_mins``.
 
     Returns:
-        One :class:`StepResult` per step (the same on every rank).
+        One :class:`StepResult` per step run (the same on every rank).
+
+    Raises:
+        NonFiniteError: a non-finite LM loss or gradient norm with ``cfg.on_nan == "stop"``
+            (on every rank at the same step).
     """
-    from megatron_mod.training.optimizer import current_lr, setup_model_and_optimizer
+    from megatron_mod.training.optimizer import (
+        clip_and_step,
+        current_lr,
+        setup_model_and_optimizer,
+    )
 
-    ddp_model, optimizer, scheduler = setup_model_and_optimizer(model, cfg)
-    writer = None
-    if cfg.tensorboard_dir and torch.distributed.get_rank() == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(cfg.tensorboard_dir)
+    ddp_model, optimizer, scheduler = training or setup_model_and_optimizer(model, cfg)
+    own_writer = writer is None
+    if own_writer:
+        writer = _open_writer(cfg)
+    run_start = time.monotonic() if run_start is None else run_start
+    handler = ExitSignalHandler() if cfg.exit_signal_handler else None
 
     tracker = get_metrics_tracker()
     forward_backward = get_forward_backward_func()
     forward_step = make_forward_step(cfg.micro_batch_size, cfg.seq_length)
+    dp_size = parallel_state.get_data_parallel_world_size()
+    global_batch = cfg.micro_batch_size * cfg.num_microbatches * dp_size
+    tokens_per_step = global_batch * cfg.seq_length
+    peak = flops.peak_flops_per_device() if flops is not None else None
+    world = torch.distributed.get_world_size()
 
     results = []
     ddp_model.train()
-    start = time.perf_counter()
-    for iteration in range(1, cfg.train_iters + 1):
-        ddp_model.zero_grad_buffer()
-        optimizer.zero_grad()
-        tracker.clear()
-        set_load_loss_scale(cfg.num_microbatches)
-        losses = forward_backward(
-            forward_step_func=forward_step,
-            data_iterator=batches,
-            model=[ddp_model],
-            num_microbatches=cfg.num_microbatches,
-            seq_length=cfg.seq_length,
-            micro_batch_size=cfg.micro_batch_size,
-            forward_only=False,
-        )
-        lr = current_lr(optimizer)
-        updated, grad_norm, _ = optimizer.step()
-        if not updated:
-            raise RuntimeError(f"iteration {iteration}: the optimizer skipped its update")
-        if grad_norm is None:
-            grad_norm = optimizer.get_grad_norm()
-        grad_norm = float(grad_norm)
-        scheduler.step(increment=1)
-
-        lm_loss = _mean_lm_loss(losses)
-        stats = tracker.summary(num_layers, groups=_metric_groups())
-        result = StepResult(
-            iteration=iteration,
-            lm_loss=lm_loss,
-            load_loss=sum(s.load_loss for s in stats.values()),
-            grad_norm=grad_norm,
-            lr=lr,
-            c_eff=MoDMetricsTracker.effective_capacity(stats, num_layers),
-            kept_fraction={k: s.kept_fraction for k, s in stats.items()},
-            kth_gate={k: s.kth_gate for k, s in stats.items() if s.kth_gate is not None},
-        )
-        results.append(result)
-        if writer is not None:
-            writer.add_scalar("lm loss", result.lm_loss, iteration)
-            writer.add_scalar("mod/load loss", result.load_loss, iteration)
-            writer.add_scalar("mod/c_eff", result.c_eff, iteration)
-            writer.add_scalar("grad-norm", grad_norm, iteration)
-            writer.add_scalar("learning-rate", lr, iteration)
-            for layer, s in stats.items():
-                tag = f"layer_{layer:02d}"
-                writer.add_scalar(f"mod/kept_fraction/{tag}", s.kept_fraction, iteration)
-                writer.add_scalar(f"mod/mean_gate/{tag}", s.mean_gate, iteration)
-        if torch.distributed.get_rank() == 0 and (
-            iteration % cfg.log_interval == 0 or iteration in (1, cfg.train_iters)
-        ):
-            elapsed = (time.perf_counter() - start) / iteration
-            kept = format_kept(result.kept_fraction)
-            print(
-                f" iteration {iteration:5d}/{cfg.train_iters} | lm loss {result.lm_loss:.4f} | "
-                f"load loss {result.load_loss:.5f} | grad norm {grad_norm:.3f} | lr {lr:.2e} | "
-                f"c_eff {result.c_eff:.3f} | kept {kept} | {elapsed * 1000:.0f} ms/iter",
-                flush=True,
+    log_window: list[float] = []
+    try:
+        for iteration in range(start_iteration + 1, cfg.train_iters + 1):
+            step_start = time.perf_counter()
+            ddp_model.zero_grad_buffer()
+            optimizer.zero_grad()
+            tracker.clear()
+            set_load_loss_scale(cfg.num_microbatches)
+            losses = forward_backward(
+                forward_step_func=forward_step,
+                data_iterator=batches,
+                model=[ddp_model],
+                num_microbatches=cfg.num_microbatches,
+                seq_length=cfg.seq_length,
+                micro_batch_size=cfg.micro_batch_size,
+                forward_only=False,
             )
-        if step_hook is not None:
-            step_hook(result)
-    tracker.clear()
-    if writer is not None:
-        writer.close()
+            duration_over = (
+                cfg.exit_duration_in_mins is not None
+                and time.monotonic() - run_start > cfg.exit_duration_in_mins * 60
+            )
+            signalled = handler is not None and handler.received
+            lm_loss, (signalled, duration_over) = _reduce_step(losses, (signalled, duration_over))
+            lr = current_lr(optimizer)
+            found_inf = optimizer.prepare_grads()
+            grad_norm = float(optimizer.get_grad_norm())
+            # Both values are reduced (over DP/PP, and the norm over model-parallel ranks), so
+            # every rank takes the same branch at the same step.
+            finite = math.isfinite(lm_loss) and math.isfinite(grad_norm) and not found_inf
+            if not finite and cfg.on_nan == "stop":
+                what = "grad norm" if math.isfinite(lm_loss) else "lm loss"
+                raise NonFiniteError(
+                    f"iteration {iteration}: non-finite {what} "
+                    f"(lm loss {lm_loss}, grad norm {grad_norm}); stopping (--on-nan stop). "
+                    "The last saved checkpoint is unaffected; --on-nan skip skips such updates."
+                )
+            if finite:
+                clip_and_step(optimizer, grad_norm)
+                scheduler.step(increment=1)
+            stats = tracker.summary(num_layers, groups=_metric_groups(), device=platform.device())
+            step_time = time.perf_counter() - step_start
+            c_eff = MoDMetricsTracker.effective_capacity(stats, num_layers)
+            mfu = None
+            if peak:
+                mfu = flops.training_flops_per_token(c_eff) * tokens_per_step / step_time
+                mfu /= peak * world
+            result = StepResult(
+                iteration=iteration,
+                lm_loss=lm_loss,
+                load_loss=sum(s.load_loss for s in stats.values()),
+                grad_norm=grad_norm,
+                lr=lr,
+                c_eff=c_eff,
+                kept_fraction={k: s.kept_fraction for k, s in stats.items()},
+                kth_gate={k: s.kth_gate for k, s in stats.items() if s.kth_gate is not None},
+                skipped=not finite,
+                step_time=step_time,
+                tokens_per_s=tokens_per_step / step_time,
+                computed_tokens_per_s=tokens_per_step * c_eff / step_time,
+                mfu=mfu,
+                exit_requested=signalled or duration_over,
+            )
+            results.append(result)
+            log_window.append(step_time)
+            if writer is not None:
+                _write_scalars(writer, result, stats, iteration * global_batch)
+            last = iteration == cfg.train_iters or result.exit_requested
+            if torch.distributed.get_rank() == 0 and (
+                iteration % cfg.log_interval == 0 or iteration == start_iteration + 1 or last
+            ):
+                print(_log_line(result, cfg.train_iters, log_window), flush=True)
+                log_window = []
+            if step_hook is not None:
+                step_hook(result)
+            if result.exit_requested:
+                reason = "SIGTERM" if signalled else "--exit-duration-in-mins"
+                if torch.distributed.get_rank() == 0:
+                    print(f"exiting after iteration {iteration} ({reason})", flush=True)
+                break
+    finally:
+        tracker.clear()
+        if handler is not None:
+            handler.restore()
+        if own_writer and writer is not None:
+            writer.close()
     return results
+
+
+def _log_line(result: StepResult, train_iters: int, window: list[float]) -> str:
+    """`` iteration N/M | lm loss … | kept … | X ms/iter | …``: the shape tools parse."""
+    step_time = sum(window) / len(window)
+    tokens_per_s = result.tokens_per_s * result.step_time / step_time
+    line = (
+        f" iteration {result.iteration:5d}/{train_iters} | lm loss {result.lm_loss:.4f} | "
+        f"load loss {result.load_loss:.5f} | grad norm {result.grad_norm:.3f} | "
+        f"lr {result.lr:.2e} | c_eff {result.c_eff:.3f} | kept {format_kept(result.kept_fraction)}"
+        f" | {step_time * 1000:.0f} ms/iter | tokens/s {tokens_per_s:.0f} | "
+        f"computed tokens/s {tokens_per_s * result.c_eff:.0f}"
+    )
+    if result.mfu is not None:
+        line += f" | MFU {result.mfu * 100:.1f}%"
+    if result.skipped:
+        line += " | skipped (non-finite)"
+    return line

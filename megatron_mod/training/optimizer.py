@@ -9,7 +9,8 @@ The same three pieces Megatron-LM's ``pretrain_gpt.py`` uses, configured from
 * ``get_megatron_optimizer`` builds Adam with fp32 main weights for bf16 parameters, no weight
   decay on biases and norms, gradient clipping by the global norm over all model-parallel ranks,
   and, with ``use_distributed_optimizer``, optimizer state sharded over data-parallel ranks;
-* ``OptimizerParamScheduler`` gives linear warmup then cosine decay to ``min_lr``.
+* ``OptimizerParamScheduler`` gives linear warmup then decay (``lr_decay_style``, cosine by
+  default) to ``min_lr`` over ``lr_decay_iters``.
 
 The routers stay fp32 in a bf16 model; the optimizer updates them directly (fp32 parameters need
 no main copy). ``finalize_model_grads`` is installed on the model config so the schedule reduces
@@ -26,7 +27,7 @@ import torch
 if TYPE_CHECKING:
     from megatron_mod.training.loop import TrainConfig
 
-__all__ = ["setup_model_and_optimizer", "current_lr"]
+__all__ = ["setup_model_and_optimizer", "current_lr", "clip_and_step"]
 
 
 def setup_model_and_optimizer(model: torch.nn.Module, cfg: TrainConfig):
@@ -84,12 +85,12 @@ def setup_model_and_optimizer(model: torch.nn.Module, cfg: TrainConfig):
         max_lr=cfg.lr,
         min_lr=cfg.min_lr,
         # The scheduler needs warmup < decay steps; a very short run simply warms up less.
-        lr_warmup_steps=min(cfg.lr_warmup_iters, cfg.train_iters - 1),
-        lr_decay_steps=cfg.train_iters,
-        lr_decay_style="cosine",
+        lr_warmup_steps=min(cfg.lr_warmup_iters, cfg.decay_iters - 1),
+        lr_decay_steps=cfg.decay_iters,
+        lr_decay_style=cfg.lr_decay_style,
         start_wd=cfg.weight_decay,
         end_wd=cfg.weight_decay,
-        wd_incr_steps=cfg.train_iters,
+        wd_incr_steps=cfg.decay_iters,
         wd_incr_style="constant",
     )
     return ddp_model, optimizer, scheduler
@@ -98,3 +99,35 @@ def setup_model_and_optimizer(model: torch.nn.Module, cfg: TrainConfig):
 def current_lr(optimizer) -> float:
     """The learning rate of the optimizer's first parameter group."""
     return float(optimizer.param_groups[0]["lr"])
+
+
+def clip_and_step(optimizer, grad_norm: float) -> bool:
+    """Clip the prepared main gradients to ``clip_grad`` by ``grad_norm`` and update.
+
+    The second half of megatron-core's ``ChainedOptimizer.step``: the trainer calls
+    ``prepare_grads`` and ``get_grad_norm`` itself first, so that a non-finite loss or norm can
+    skip the update on every rank before any parameter changes.
+
+    Args:
+        optimizer: the Megatron optimizer (chained or a single one).
+        grad_norm: the global gradient norm from ``optimizer.get_grad_norm()``.
+
+    Returns:
+        Whether the update succeeded.
+    """
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(opt, "is_stub_optimizer", False):
+            continue
+        params = opt.get_parameters()
+        if params and opt.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(
+                params,
+                max_norm=opt.config.clip_grad,
+                total_norm=grad_norm,
+                use_decoupled_grad=getattr(
+                    opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False
+                ),
+            )
+    return optimizer.step_with_ready_grads()
