@@ -333,6 +333,7 @@ def save_model_checkpoint(
     metadata: CheckpointMetadata,
     iteration: int = 0,
     extra_sharded_state_dict: dict | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Save a model as iteration ``iteration`` of a checkpoint (collective: call on all ranks).
 
@@ -346,6 +347,8 @@ def save_model_checkpoint(
         iteration: iteration number (0 for a converted model).
         extra_sharded_state_dict: more sharded state (e.g. the trainer's optimizer state) saved
             into the same dist checkpoint.
+        extra_files: file name -> text written (rank 0) into the iteration directory before it
+            is renamed into place, so they appear together with the tensors or not at all.
 
     Returns:
         The iteration directory.
@@ -366,6 +369,12 @@ def save_model_checkpoint(
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if _rank() == 0:
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        # Everything is on disk before the rename makes it visible (the tensor files are
+        # fsynced by the writer; the small files and the directory entries here).
+        for path in [*tmp.iterdir(), tmp]:
+            _fsync(path)
         write_checkpoint_metadata(ckpt_dir, metadata)
         if final.exists():
             old = ckpt_dir / f".old_{final.name}"
@@ -375,9 +384,20 @@ def save_model_checkpoint(
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
+        _fsync(ckpt_dir)
         write_latest(ckpt_dir, iteration)
+        _fsync(ckpt_dir)
     _barrier()
     return final
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data or a directory's entries to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_model_checkpoint(
