@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -32,6 +33,11 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
     repeat_kv,
 )
+
+try:  # transformers >= 5: init functions that leave tensors loaded from a checkpoint alone
+    from transformers import initialization as _init
+except ImportError:  # transformers 4.x initialises only the missing tensors
+    from torch.nn import init as _init
 
 from .configuration_llama_mod import LlamaModConfig
 
@@ -49,6 +55,7 @@ __all__ = [
 _CACHE_CHUNK = 64  # cache capacity grows in multiples of this many slots
 # torch >= 2.5 computes grouped-query attention without materialising repeated K/V.
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
 
 # ----------------------------------------------------------------------------------- router
@@ -390,8 +397,11 @@ class LlamaModDecoderLayer(LlamaDecoderLayer):
             delta = output - compact
             if gate_mode == "scale":
                 mixed = compact + compact_gates.to(dtype)[..., None] * delta
-            else:  # straight_through: forward value is layer(h); the gradient reaches the router
-                unit = compact_gates / compact_gates.detach() - 1.0
+            else:
+                # straight_through: forward value exactly layer(h), since g - sg(g) is exactly 0;
+                # the router receives d loss/d g = <d loss/d h', layer(h) - h>, the scale gate's
+                # gradient, finite for every g (also a gate that underflowed to 0).
+                unit = compact_gates - compact_gates.detach()
                 mixed = output + delta * unit.to(dtype)[..., None]
         mixed = torch.where(valid[..., None], mixed, compact)
         if index is None:
@@ -425,8 +435,11 @@ class LlamaModDecoderLayer(LlamaDecoderLayer):
         # token before every padded slot, so no real query can see a padded key.
         groups = attn.num_key_value_groups
         extra = {}
-        if groups > 1 and _SDPA_GQA:
-            extra["enable_gqa"] = True  # no repeated copy of the (cached) keys and values
+        if groups > 1 and _SDPA_GQA and mask is None and head_dim <= 256:
+            # Flash / memory-efficient kernels take grouped K/V directly, but only without a
+            # mask: with enable_gqa and a mask SDPA falls back to its slow "math" kernel (full
+            # fp32 scores). transformers' sdpa_attention makes the same choice.
+            extra["enable_gqa"] = True
         elif groups > 1:
             k, v = repeat_kv(k, groups), repeat_kv(v, groups)
         dropout = attn.attention_dropout if self.training else 0.0
@@ -475,22 +488,18 @@ class LlamaModPreTrainedModel(PreTrainedModel):
         return False
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
+        # Only modules the checkpoint did not fill are initialised here. transformers 5 marks
+        # loaded tensors and skips them only when they are written through its init functions
+        # (``transformers.initialization``), so the router uses those; everything else, the
+        # rotary ``inv_freq`` buffers included (created empty on the meta device by
+        # transformers 5), is the stock initialisation of the installed version.
         if isinstance(module, LlamaModRouter):
             # Small weights and bias +2 (g ~ 0.88): a fresh router keeps every token at p = 0.5,
             # as megatron-mod's default router initialisation does.
-            module.weight.data.normal_(0.0, std)
-            module.bias.data.fill_(2.0)
-        elif isinstance(module, nn.Linear):
-            module.weight.data.normal_(0.0, std)
-            if module.bias is not None:
-                module.bias.data.zero_()
-        elif isinstance(module, nn.Embedding):
-            module.weight.data.normal_(0.0, std)
-            if module.padding_idx is not None:
-                module.weight.data[module.padding_idx].zero_()
-        elif isinstance(module, LlamaRMSNorm):
-            module.weight.data.fill_(1.0)
+            _init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            _init.constant_(module.bias, 2.0)
+        else:
+            super()._init_weights(module)
 
 
 class LlamaModModel(LlamaModPreTrainedModel):
@@ -519,6 +528,18 @@ class LlamaModModel(LlamaModPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
+
+    def _route(
+        self,
+        layer: LlamaModDecoderLayer,
+        hidden_states: torch.Tensor,
+        real: torch.Tensor,
+        decoding: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep mask and gates of routed ``layer``, on the device of its router."""
+        device = layer.router.weight.device
+        logits = layer.router(hidden_states.to(device))
+        return self._select(logits, real.to(device), decoding)
 
     def _select(
         self,
@@ -630,34 +651,47 @@ class LlamaModModel(LlamaModPreTrainedModel):
         all_hidden = () if output_hidden_states else None
         stats = {} if output_router_stats else None
         num_real = real.sum()
+        # Per-device copies of what every layer combines with its own tensors: with
+        # device_map="auto" consecutive layers live on different GPUs, and the mask, positions
+        # and rotary tables are made on the embedding's device. One copy per device, not per layer.
+        shared = {device: (real, position_ids, position_embeddings)}
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden += (hidden_states,)
+            layer_device = layer.input_layernorm.weight.device
+            hidden_states = hidden_states.to(layer_device)
+            if layer_device not in shared:
+                shared[layer_device] = (
+                    real.to(layer_device),
+                    position_ids.to(layer_device),
+                    tuple(t.to(layer_device) for t in position_embeddings),
+                )
+            layer_real, layer_positions, layer_embeddings = shared[layer_device]
             if layer.routed:
-                logits = layer.router(hidden_states)
-                keep, gates = self._select(logits, real, decoding)
+                keep, gates = self._route(layer, hidden_states, layer_real, decoding)
                 if stats is not None:
                     kept = keep.sum()
                     denom = max(int(num_real), 1)
                     stats[layer.layer_idx] = {
                         "kept_fraction": float(kept) / denom,
-                        "mean_gate": float(gates.detach().masked_fill(~real, 0).sum()) / denom,
+                        "mean_gate": float(gates.detach().masked_fill(~layer_real, 0).sum())
+                        / denom,
                         "kept_tokens": int(kept),
                         "tokens": int(num_real),
                         "keep": keep.detach(),
                     }
             else:
-                keep, gates = real, None
+                keep, gates = layer_real, None
             hidden_states = layer(
                 hidden_states,
                 keep=keep,
                 gates=gates,
-                position_ids=position_ids,
-                position_embeddings=position_embeddings,
+                position_ids=layer_positions,
+                position_embeddings=layer_embeddings,
                 gate_mode=config.mod_gate,
                 cache=cache,
             )
-        hidden_states = self.norm(hidden_states)
+        hidden_states = self.norm(hidden_states.to(self.norm.weight.device))
         if output_hidden_states:
             all_hidden += (hidden_states,)
         if cache is not None:
@@ -681,7 +715,11 @@ class LlamaModForCausalLM(LlamaModPreTrainedModel, GenerationMixin):
         config: a :class:`LlamaModConfig`.
     """
 
-    _tied_weights_keys = ["lm_head.weight"]
+    # Tied only when ``config.tie_word_embeddings`` (SmolLM2, LLaMA-3.2 1B/3B): one matrix. The
+    # form of this attribute changed in transformers 5 (target -> source mapping).
+    _tied_weights_keys = (
+        {"lm_head.weight": "model.embed_tokens.weight"} if _TRANSFORMERS_5 else ["lm_head.weight"]
+    )
 
     def __init__(self, config: LlamaModConfig):
         super().__init__(config)
@@ -767,7 +805,7 @@ class LlamaModForCausalLM(LlamaModPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(hidden_states.to(self.lm_head.weight.device))
         loss = None
         if labels is not None:
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
