@@ -301,11 +301,18 @@ def build_model_from_metadata(
         mod_config: replaces the checkpoint's MoDConfig (e.g. another threshold at inference).
         dense: build the dense model (routers are not loaded).
         meta_device: build parameters on the meta device (no memory; for key/shape planning).
+            Implies ``use_cpu_initialization=True``, so nothing is allocated on a GPU; the
+            (tiny) MoD routers are then real CPU tensors with their initial values.
         use_transformer_engine: forwarded to ``build_gpt_model``.
         **config_overrides: extra TransformerConfig fields (e.g. ``sequence_parallel=True``).
     """
     from megatron_mod.models import build_gpt_model
 
+    if meta_device:
+        # megatron-core allocates on torch.cuda.current_device() explicitly unless
+        # use_cpu_initialization is set, and an explicit device escapes the meta-device context:
+        # a planning model on a GPU host would otherwise materialise the whole model on GPU 0.
+        config_overrides = {**config_overrides, "use_cpu_initialization": True}
     config = metadata.transformer_config(**config_overrides)
     mod = None if dense else (mod_config or metadata.mod_config)
     with torch.device("meta") if meta_device else contextlib.nullcontext():
@@ -558,7 +565,11 @@ class StreamingCheckpointWriter:
 
         self.iter_dir = Path(iter_dir)
         self.iter_dir.mkdir(parents=True, exist_ok=True)
-        self._writer = FileSystemWriter(str(self.iter_dir), single_file_per_rank=True)
+        # No copy-ahead: the tensors are on the CPU already, and torch's overlapping loader
+        # would create a CUDA stream (and a CUDA context on GPU 0) on a GPU host.
+        self._writer = FileSystemWriter(
+            str(self.iter_dir), single_file_per_rank=True, per_thread_copy_ahead=0
+        )
         self._state_dict_metadata: dict = {}
         self._results: list = []
         self._parts = 0

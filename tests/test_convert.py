@@ -463,6 +463,33 @@ def test_roundtrip_from_exported_mod_checkpoint_keeps_routers(work, tmp_path):
     assert torch.equal(a, b)
 
 
+def test_converters_ask_for_no_gpu_on_a_gpu_host(work, tmp_path, monkeypatch):
+    """On a CUDA host megatron-core allocates on torch.cuda.current_device() unless the config
+    says use_cpu_initialization: a conversion must never get there (a 70B planning model would
+    be materialised on GPU 0). Here the host claims CUDA and any request for a device fails."""
+    from megatron_mod.checkpointing import build_model_from_metadata, read_checkpoint_metadata
+    from megatron_mod.hf.convert import convert_hf_to_megatron, convert_megatron_to_hf
+
+    def no_gpu(*args, **kwargs):
+        raise AssertionError("the converter asked for a CUDA device")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("current_device", "set_device", "synchronize", "mem_get_info"):
+        monkeypatch.setattr(torch.cuda, name, no_gpu)
+    metadata = read_checkpoint_metadata(work["root"] / "ck_routed")
+    model = build_model_from_metadata(
+        metadata, meta_device=True, tensor_model_parallel_size=1, pipeline_model_parallel_size=1
+    )
+    assert model.config.use_cpu_initialization
+    for name, param in model.named_parameters():
+        assert param.device.type == ("cpu" if ".router." in name else "meta"), name
+    convert_hf_to_megatron(
+        work["root"] / "hf", tmp_path / "ck", tp=2, pp=2, mod_config=ROUTED, progress=False
+    )
+    convert_megatron_to_hf(tmp_path / "ck", tmp_path / "hf", progress=False)
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
 def test_tied_embeddings_are_untied_on_import(tmp_path, mcore):
     from megatron_mod.hf.convert import convert_hf_to_megatron
 
