@@ -8,6 +8,9 @@ Example::
         --seq-length 1024 --micro-batch-size 4 --train-iters 1000 --lr 3e-5 \
         --mod-load-loss-coeff 0.01 --tensorboard-dir runs/mod
 
+Add ``--save-interval 500`` to write a training checkpoint every 500 steps; re-running the same
+command continues from the newest one (``--exit-signal-handler``: SIGTERM saves and exits 0).
+
 The same command runs under ``torchrun`` for tensor, sequence, pipeline and data parallelism
 (``--tensor-model-parallel-size``, ``--sequence-parallel``, ``--pipeline-model-parallel-size``,
 ``--use-distributed-optimizer``, ``--bf16``); ``--help`` lists every flag (see
@@ -20,6 +23,7 @@ import sys
 
 
 def main(argv=None) -> int:
+    from megatron_mod.training.loop import NonFiniteError
     from megatron_mod.training.pretrain import parse_args, pretrain
 
     args = parse_args(argv)
@@ -28,6 +32,9 @@ def main(argv=None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 
