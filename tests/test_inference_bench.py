@@ -78,7 +78,7 @@ def _prefill_and_decode(model, ids: torch.Tensor, steps: int) -> LlamaModCache:
 @pytest.mark.parametrize("router_bias", [0.0, 30.0], ids=["routed", "all-kept"])
 def test_cache_allocates_at_most_one_chunk_beyond_what_it_stores(router_bias):
     # 300-token prompt then 40 decode steps: growing by doubling would allocate 640 slots per
-    # layer for ~340 stored tokens; growing by chunks allocates at most 64 slots unused.
+    # layer for ~340 stored tokens; the cache may hold at most 64 slots per layer unused.
     model = _model(router_bias)
     ids = torch.randint(1, VOCAB, (1, 300), generator=torch.Generator().manual_seed(1))
     cache = _prefill_and_decode(model, ids, steps=40)
@@ -132,7 +132,7 @@ def test_all_kept_cache_allocates_within_one_chunk_of_transformers_dynamic_cache
 
 def test_batched_cache_allocates_at_most_the_longest_sequence_plus_one_chunk():
     # Sequences of one batch keep different numbers of tokens; each layer's capacity is the
-    # longest sequence's count rounded up to a chunk, never doubled.
+    # longest sequence's count plus at most one chunk, never doubled.
     model = _model(router_bias=0.0)
     ids = torch.randint(1, VOCAB, (3, 257), generator=torch.Generator().manual_seed(3))
     cache = _prefill_and_decode(model, ids, steps=66)

@@ -108,10 +108,10 @@ class LlamaModCache:
     Each layer holds right-padded tensors ``keys``/``values`` ``[b, kv_heads, capacity, head_dim]``
     (post-RoPE), ``positions`` ``[b, capacity]`` (the original position id of each stored token)
     and ``lengths`` ``[b]`` (valid entries per sequence). A routed layer appends only its kept
-    tokens; a skipped token adds nothing. Padding tokens are never stored. ``capacity`` grows to
-    the next multiple of 64 slots, so at most one such chunk per layer (plus, in a batch, the
-    slots by which a sequence is shorter than the layer's longest) is allocated and unused:
-    :meth:`allocated_bytes` against :meth:`stored_bytes`.
+    tokens; a skipped token adds nothing. Padding tokens are never stored. When a layer needs more
+    room, ``capacity`` grows to what it needs plus 1/32 of that (16 to 64 slots), so at most 64
+    slots per layer (plus, in a batch, the slots by which a sequence is shorter than the layer's
+    longest) are allocated and unused: :meth:`allocated_bytes` against :meth:`stored_bytes`.
 
     It is created by ``LlamaModModel.forward`` when ``use_cache=True`` and returned as
     ``past_key_values``; ``generate()`` passes it back. It cannot be rolled back, so assisted
@@ -122,6 +122,10 @@ class LlamaModCache:
     """
 
     is_compileable = False
+    min_headroom = 16
+    """Fewest free slots a layer gets when it grows."""
+    max_headroom = _CACHE_CHUNK
+    """Most free slots a layer gets when it grows (the "one small chunk" it may hold unused)."""
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
@@ -209,11 +213,12 @@ class LlamaModCache:
         if keys is not None and keys.shape[2] >= needed:
             return
         old = 0 if keys is None else keys.shape[2]
-        # Grow to the next multiple of the chunk, never by doubling: a cache should hold at most
-        # one chunk of unused slots per layer, or its allocated memory can exceed a dense cache's
-        # (doubling left up to half of it empty). A decode step therefore copies the layer once
-        # every _CACHE_CHUNK appended tokens: O(length / chunk) per token, small next to attention.
-        capacity = -(-needed // _CACHE_CHUNK) * _CACHE_CHUNK
+        # Never grow by doubling: that can leave half of the cache empty, so that it allocates
+        # more than a dense cache. Headroom of 1/32 of the length (16 to 64 slots) keeps the
+        # unused part small at every length, while decoding copies the layer only once per 16 to
+        # 64 appended tokens (a few % of a decode step's attention reads of the same cache).
+        headroom = min(max(needed // 32, self.min_headroom), self.max_headroom)
+        capacity = needed + headroom
         new_keys = like.new_zeros(batch, heads, capacity, head_dim)
         new_values = like.new_zeros(batch, heads, capacity, head_dim)
         new_positions = torch.zeros(batch, capacity, dtype=torch.long, device=like.device)
