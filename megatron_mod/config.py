@@ -49,6 +49,9 @@ class MoDConfig:
     topk_decode_threshold: float | None = None
     """Top-k only: gate threshold for token-by-token decoding (set by training; None: unknown)."""
 
+    compact_length_multiple: int = 64
+    """Round each routed layer's compact (kept-token) length up to this; keeps GEMMs aligned."""
+
     def __post_init__(self):
         if self.routing not in ROUTING_CHOICES:
             _fail("routing", self.routing, " | ".join(ROUTING_CHOICES))
@@ -67,6 +70,12 @@ class MoDConfig:
             and 0.0 <= self.topk_decode_threshold <= 1.0
         ):
             _fail("topk_decode_threshold", self.topk_decode_threshold, "None or a float in [0, 1]")
+        if (
+            isinstance(self.compact_length_multiple, bool)
+            or not isinstance(self.compact_length_multiple, int)
+            or self.compact_length_multiple < 1
+        ):
+            _fail("compact_length_multiple", self.compact_length_multiple, "an int >= 1")
         self.routed_layers = self._normalise_routed_layers(self.routed_layers)
         for layer, coeff in self.load_loss_layer_coeffs.items():
             if not isinstance(layer, int) or layer < 0 or coeff < 0:
@@ -169,6 +178,12 @@ class MoDConfig:
             default=None,
             help="top-k only: gate threshold for decoding one token at a time",
         )
+        g.add_argument(
+            "--mod-compact-length-multiple",
+            type=int,
+            default=64,
+            help="round the kept-token length of each routed layer up to this (GEMM alignment)",
+        )
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> MoDConfig:
@@ -183,4 +198,5 @@ class MoDConfig:
             router_init_bias=args.mod_router_init_bias,
             router_init_std=args.mod_router_init_std,
             topk_decode_threshold=getattr(args, "mod_topk_decode_threshold", None),
+            compact_length_multiple=getattr(args, "mod_compact_length_multiple", 64),
         )

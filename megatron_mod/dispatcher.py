@@ -33,13 +33,27 @@ class DispatchState:
 class MoDTokenDispatcher:
     """Gather/scatter between the full sequence and the compact kept-token batch.
 
+    The compact length is the longest kept count in the micro-batch rounded up to
+    ``pad_to_multiple`` (capped at the sequence length). Reading that count is the one host
+    synchronisation of a routed layer: the compact batch's shape depends on it. A micro-batch
+    that keeps no token still gets a compact batch of ``pad_to_multiple`` padded slots, so the
+    layer runs (and every parameter receives a gradient, zero) whatever the routing decided:
+    megatron-core's DDP expects a gradient for every parameter of every rank in every step.
+
     Args:
-        pad_to_multiple: the compact length is rounded up to this (the TP size under sequence
-            parallelism, so the compact batch can be split across TP ranks).
+        pad_to_multiple: the compact length is rounded up to a multiple of this: the MoD config's
+            ``compact_length_multiple`` (GEMM alignment, fp8 tiles), combined with the TP size
+            under sequence parallelism so the compact batch splits evenly across TP ranks.
     """
 
     def __init__(self, pad_to_multiple: int = 1):
         self.pad_to_multiple = max(1, pad_to_multiple)
+
+    def compact_length(self, kept_per_sequence: torch.Tensor, seq_len: int) -> int:
+        """The padded compact length for these kept counts (one host synchronisation)."""
+        longest = max(1, int(kept_per_sequence.max()))
+        padded = -(-longest // self.pad_to_multiple) * self.pad_to_multiple
+        return min(padded, seq_len)
 
     def dispatch(
         self, hidden_states: torch.Tensor, keep: torch.Tensor
@@ -48,7 +62,7 @@ class MoDTokenDispatcher:
 
         Args:
             hidden_states: [s, b, h] full-sequence hidden states.
-            keep: [s, b] bool keep mask (at least one True).
+            keep: [s, b] bool keep mask (may be all False).
 
         Returns:
             compact: [s_c, b, h]; padded slots hold (ignored) copies of skipped tokens.
@@ -56,15 +70,45 @@ class MoDTokenDispatcher:
         """
         seq_len = keep.shape[0]
         kept_per_sequence = keep.sum(dim=0)
-        compact_len = int(kept_per_sequence.max())
-        compact_len = -(-compact_len // self.pad_to_multiple) * self.pad_to_multiple
-        compact_len = min(compact_len, seq_len)
+        compact_len = self.compact_length(kept_per_sequence, seq_len)
         # A stable sort of "skipped?" puts each sequence's kept tokens first, in original order.
         order = torch.sort((~keep).to(torch.int8), dim=0, stable=True).indices
         index = order[:compact_len]
         valid = torch.arange(compact_len, device=keep.device)[:, None] < kept_per_sequence[None, :]
         compact = hidden_states.gather(0, self._expand(index, hidden_states))
         return compact, DispatchState(index, valid, kept_per_sequence)
+
+    def compact_attention_mask(
+        self, attention_mask: torch.Tensor, state: DispatchState
+    ) -> torch.Tensor:
+        """megatron's boolean attention mask (True = masked) restricted to the compact batch.
+
+        Entry ``[b, 0, i, j]`` is the original mask between the tokens in compact slots ``i`` and
+        ``j`` of sequence ``b``; causality among compact slots is added, so a real token never
+        sees a padded slot (padded slots come after every real token of their sequence).
+
+        Args:
+            attention_mask: [b or 1, 1, s, s] bool (e.g. document masks from
+                ``reset_attention_mask``).
+            state: from :meth:`dispatch`.
+
+        Returns:
+            [b, 1, s_c, s_c] bool.
+        """
+        if attention_mask.dtype != torch.bool:
+            raise ValueError(
+                f"MoD layers expect megatron's boolean attention mask (True = masked), got "
+                f"dtype {attention_mask.dtype}"
+            )
+        compact_len, batch = state.index.shape
+        index = state.index.t()  # [b, s_c]
+        mask = attention_mask[:, 0].expand(batch, -1, -1)
+        rows = mask.gather(1, index[:, :, None].expand(-1, -1, mask.shape[-1]))
+        compact = rows.gather(2, index[:, None, :].expand(-1, compact_len, -1))
+        causal = torch.ones(compact_len, compact_len, dtype=torch.bool, device=compact.device).triu(
+            1
+        )
+        return (compact | causal)[:, None]
 
     def compact_rotary(self, rotary_pos_emb, state: DispatchState):
         """RoPE frequencies at each compact token's ORIGINAL position: [s_c, b, 1, d].
@@ -90,8 +134,10 @@ class MoDTokenDispatcher:
         """Apply the gate to the kept tokens and scatter them back into place.
 
         ``scale``: h' = h + g * (layer(h) - h). ``straight_through``: h' = layer(h) + delta *
-        (g / stopgrad(g) - 1), whose forward is exactly layer(h) and whose gradient still reaches
-        the router. Skipped tokens (and padded slots) keep h.
+        (g - stopgrad(g)): the forward value is exactly layer(h) (the added term is an exact
+        zero), and the router receives dL/dg = <dL/dh', layer(h) - h>, the gradient the ``scale``
+        gate would give at that token. The form is finite for every gate, including gates that
+        underflow to 0 and the gates of padded slots. Skipped tokens (and padded slots) keep h.
 
         Args:
             hidden_states: [s, b, h] layer input (full sequence).
@@ -110,8 +156,8 @@ class MoDTokenDispatcher:
         if gate_mode == "scale":
             mixed = compact_input + compact_gates.to(dtype)[..., None] * delta
         elif gate_mode == "straight_through":
-            unit = compact_gates / compact_gates.detach() - 1.0
-            mixed = compact_output + delta * unit.to(dtype)[..., None]
+            zero_with_gradient = compact_gates - compact_gates.detach()
+            mixed = compact_output + delta * zero_with_gradient.to(dtype)[..., None]
         else:
             raise ValueError(f"unknown gate mode {gate_mode!r}; use 'scale' or 'straight_through'")
         mixed = torch.where(state.valid[..., None], mixed, compact_input)

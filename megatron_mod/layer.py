@@ -7,12 +7,15 @@ the HF mapping needs no special case. Forward (DESIGN.md §2):
 1. router logits on the local tokens (the SP shard under sequence parallelism), then gathered;
 2. threshold-p or top-k selection on the full sequence (identical on every TP rank);
 3. compact the kept tokens per sequence (original order, original RoPE positions), pad the
-   compact length to a multiple of TP and re-shard it under SP;
+   compact length to a multiple of ``compact_length_multiple`` (and of TP under SP) and
+   re-shard it under SP;
 4. run attention + MLP on the compact batch only (causal among kept tokens);
 5. gate, scatter back into the residual stream, re-shard; attach the load-reducing loss.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from megatron.core import parallel_state
@@ -53,48 +56,48 @@ class MoDTransformerLayer(TransformerLayer):
     ):
         if mod_config is None:
             raise ValueError("MoDTransformerLayer needs a mod_config (MoDConfig)")
-        if config.context_parallel_size > 1:
-            raise ValueError(
-                "context_parallel_size > 1 is not supported by MoD layers: routing compacts whole "
-                "sequences; set context_parallel_size=1"
-            )
-        if config.apply_rope_fusion:
-            raise ValueError(
-                "apply_rope_fusion=True is not supported by MoD layers: kept tokens carry "
-                "per-sequence RoPE positions, which the fused kernel cannot take; set it to False"
-            )
+        _refuse_unsupported(config)
         # Remaining arguments (layer_number, hidden_dropout, pg_collection, vp_stage, and whatever
         # newer megatron-core versions add) go to TransformerLayer unchanged.
         super().__init__(config, submodules, *args, **kwargs)
         self.mod_config = mod_config
         self.global_layer_index = self.layer_number - 1
         self.router = MoDRouter(config, mod_config)
-        tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        self.dispatcher = MoDTokenDispatcher(
-            pad_to_multiple=tp_size if config.sequence_parallel else 1
-        )
+        multiple = mod_config.compact_length_multiple
+        if config.sequence_parallel:
+            multiple = math.lcm(multiple, _tensor_parallel_size(kwargs.get("pg_collection")))
+        self.dispatcher = MoDTokenDispatcher(pad_to_multiple=multiple)
         # The last routing decision, for inspection by tests and evaluation tools.
         self.last_keep: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor, **kwargs):
         """Route, compute the kept tokens, combine.
 
+        The layer always runs attention and MLP, on a compact batch of at least
+        ``compact_length_multiple`` slots (all of them padding when no token is kept), so every
+        parameter gets a gradient in every step whatever the routing: megatron-core's DDP
+        (``--overlap-grad-reduce``) and data-parallel ranks that route differently rely on it.
+
         Args:
             hidden_states: [s, b, h] ([s/tp, b, h] under sequence parallelism).
-            **kwargs: the arguments TransformerBlock passes to every layer. ``attention_mask`` is
-                ignored (the compact batch uses the causal mask); inference contexts and packed
-                sequences are not supported here (see ``megatron_mod.inference``).
+            **kwargs: the arguments TransformerBlock passes to every layer. ``attention_mask``
+                (megatron's boolean mask, e.g. document masks from ``reset_attention_mask``) is
+                restricted to the kept tokens; inference contexts and packed sequences are not
+                supported here (decode with the exported HF model's MoD cache).
 
         Returns:
             (hidden_states, context) like ``TransformerLayer.forward``.
         """
         if kwargs.get("inference_context") is not None or kwargs.get("inference_params"):
             raise NotImplementedError(
-                "megatron-core inference contexts store K/V for every token; MoD decoding uses "
-                "megatron_mod.inference or the exported HF model's MoD cache"
+                "megatron-core inference contexts store K/V for every token; decode a MoD model "
+                "with the exported HF model (tools/convert_megatron_to_hf.py), whose cache keeps "
+                "only the kept tokens"
             )
         if kwargs.get("packed_seq_params") is not None:
-            raise NotImplementedError("packed (THD) input is not supported by MoD layers yet")
+            raise NotImplementedError(
+                "packed (THD) input is not supported by MoD layers yet; use padded [s, b] batches"
+            )
         sequence_parallel = self.config.sequence_parallel
 
         logits = self.router(hidden_states)
@@ -111,34 +114,35 @@ class MoDTransformerLayer(TransformerLayer):
         self.last_keep = decision.keep
         coeff = self.mod_config.layer_load_loss_coeff(self.global_layer_index)
         load_loss, kept_fraction, mean_gate = load_reducing_loss(decision, coeff)
-        get_metrics_tracker().record(
-            self.global_layer_index, kept_fraction, mean_gate, load_loss, decision.kth_gate
-        )
+        if not _in_backward_recomputation():
+            # Under activation recomputation the forward runs again inside backward; the
+            # micro-batch is recorded once.
+            get_metrics_tracker().record(
+                self.global_layer_index, kept_fraction, mean_gate, load_loss, decision.kth_gate
+            )
 
-        context = kwargs.get("context")
-        if bool(decision.keep.any()):
-            compact, state = self.dispatcher.dispatch(full_hidden, decision.keep)
-            layer_kwargs = dict(kwargs)
-            layer_kwargs["attention_mask"] = None
-            layer_kwargs["rotary_pos_emb"] = self.dispatcher.compact_rotary(
-                kwargs.get("rotary_pos_emb"), state
+        compact, state = self.dispatcher.dispatch(full_hidden, decision.keep)
+        layer_kwargs = dict(kwargs)
+        attention_mask = kwargs.get("attention_mask")
+        layer_kwargs["attention_mask"] = (
+            None
+            if attention_mask is None
+            else self.dispatcher.compact_attention_mask(attention_mask, state)
+        )
+        layer_kwargs["rotary_pos_emb"] = self.dispatcher.compact_rotary(
+            kwargs.get("rotary_pos_emb"), state
+        )
+        for key in ("rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin"):
+            layer_kwargs.pop(key, None)
+        layer_input = scatter_to_sequence_parallel_region(compact) if sequence_parallel else compact
+        layer_output, context = super().forward(hidden_states=layer_input, **layer_kwargs)
+        if sequence_parallel:
+            layer_output = gather_from_sequence_parallel_region(
+                layer_output, tensor_parallel_output_grad=False
             )
-            for key in ("rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin"):
-                layer_kwargs.pop(key, None)
-            layer_input = (
-                scatter_to_sequence_parallel_region(compact) if sequence_parallel else compact
-            )
-            layer_output, context = super().forward(hidden_states=layer_input, **layer_kwargs)
-            if sequence_parallel:
-                layer_output = gather_from_sequence_parallel_region(
-                    layer_output, tensor_parallel_output_grad=False
-                )
-            output = self.dispatcher.combine(
-                full_hidden, compact, layer_output, decision.gates, state, self.mod_config.gate
-            )
-        else:
-            # Nothing to compute in this micro-batch: the layer is the identity.
-            output = full_hidden
+        output = self.dispatcher.combine(
+            full_hidden, compact, layer_output, decision.gates, state, self.mod_config.gate
+        )
 
         if sequence_parallel:
             output = scatter_to_sequence_parallel_region(output)
@@ -148,3 +152,49 @@ class MoDTransformerLayer(TransformerLayer):
             inp=output, requires_grad=output.requires_grad, keep_graph=True
         )
         return output, context
+
+
+def _in_backward_recomputation() -> bool:
+    """True while autograd runs a backward pass (activation recomputation re-runs forwards)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _tensor_parallel_size(pg_collection) -> int:
+    tp_group = getattr(pg_collection, "tp", None) if pg_collection is not None else None
+    if tp_group is not None:
+        return torch.distributed.get_world_size(tp_group)
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _refuse_unsupported(config: TransformerConfig) -> None:
+    """Fail early, with the reason, on megatron-core features a routed layer cannot honour."""
+    problems = []
+    if config.context_parallel_size > 1:
+        problems.append("context_parallel_size > 1: routing compacts whole sequences; set it to 1")
+    if config.apply_rope_fusion:
+        problems.append(
+            "apply_rope_fusion=True: kept tokens carry per-sequence RoPE positions, which the "
+            "fused kernel cannot take; set it to False"
+        )
+    if getattr(config, "fp8", None) or getattr(config, "fp4", None):
+        problems.append(
+            "fp8/fp4 training: not verified with MoD's variable compact batches; train in bf16"
+        )
+    cuda_graphs = getattr(config, "cuda_graph_impl", "none") not in (None, "none")
+    if cuda_graphs or getattr(config, "enable_cuda_graph", False):
+        problems.append(
+            "CUDA graphs (cuda_graph_impl / enable_cuda_graph): a routed layer's compact batch "
+            "changes shape every step, which a captured graph cannot replay; disable them"
+        )
+    if getattr(config, "tp_comm_overlap", False):
+        problems.append(
+            "tp_comm_overlap (Transformer Engine userbuffers) needs fixed sequence shapes; the "
+            "compact batch varies, so disable --tp-comm-overlap"
+        )
+    if getattr(config, "mtp_num_layers", None):
+        problems.append(
+            "multi-token prediction (mtp_num_layers): MTP layers are not routed and not tested "
+            "with MoD; set mtp_num_layers=None"
+        )
+    if problems:
+        raise ValueError("MoD layers do not support: " + "; ".join(problems))

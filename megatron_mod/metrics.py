@@ -1,9 +1,10 @@
 """Per-layer routing metrics: kept fraction F_j, mean gate G_j, load loss R_j, and c_eff.
 
-Routed layers record one entry per micro-batch during the forward pass; the trainer reduces the
-accumulated sums across pipeline stages (each layer lives on one stage) and data-parallel
-replicas once per step, logs them, and clears the tracker. Values are identical on all
-tensor-parallel ranks (routing is computed on the full sequence), so TP is not reduced.
+Routed layers record one entry per micro-batch during the forward pass, as device tensors (no
+host synchronisation); the trainer reduces the accumulated sums across pipeline stages (each
+layer lives on one stage) and data-parallel replicas with one collective per step, logs them,
+and clears the tracker. Values are identical on all tensor-parallel ranks (routing is computed
+on the full sequence), so TP is not reduced.
 """
 
 from __future__ import annotations
@@ -47,18 +48,21 @@ class MoDMetricsTracker:
         load_loss: torch.Tensor,
         kth_gate: torch.Tensor | None = None,
     ) -> None:
-        """Add one micro-batch's values for global 0-based ``layer_index`` (no graph kept)."""
+        """Add one micro-batch's values for global 0-based ``layer_index`` (no graph kept).
+
+        The sums stay on the values' device: nothing here waits for the device.
+        """
         if not self.enabled:
             return
         has_kth = kth_gate is not None
-        kth = kth_gate.detach().float() if has_kth else torch.zeros((), device=mean_gate.device)
+        kth = kth_gate.detach().float() if has_kth else torch.zeros_like(mean_gate.detach())
         values = [kept_fraction, mean_gate, load_loss, kth, torch.ones_like(kth) * has_kth]
-        row = torch.stack([v.detach().float() for v in values])
+        row = torch.stack([v.detach().float().reshape(()) for v in values])
         if layer_index in self._sums:
-            self._sums[layer_index] = self._sums[layer_index] + row.cpu()
+            self._sums[layer_index] = self._sums[layer_index] + row
             self._counts[layer_index] += 1
         else:
-            self._sums[layer_index] = row.cpu()
+            self._sums[layer_index] = row
             self._counts[layer_index] = 1
 
     def clear(self) -> None:
@@ -75,25 +79,35 @@ class MoDMetricsTracker:
             num_layers: total layers in the model (all pipeline stages).
             groups: process groups to all-reduce over (pipeline, data-parallel); ranks without a
                 layer contribute zeros, so a layer's sum comes from the ranks that hold it.
-            device: device for the collective buffer (the gloo/NCCL backend's device).
+            device: device for the collective buffer (the compute device,
+                ``megatron_mod.platform.device()``; default: where the records are, else that).
 
         Returns:
             {layer_index: LayerRoutingStats} for every layer recorded on any rank.
         """
-        sums = torch.zeros(num_layers, self._FIELDS + 1, device=device or "cpu")
-        for idx, row in self._sums.items():
-            sums[idx, : self._FIELDS] = row.to(sums.device)
-            sums[idx, self._FIELDS] = self._counts[idx]
+        if device is None:
+            from megatron_mod import platform
+
+            first = next(iter(self._sums.values()), None)
+            device = first.device if first is not None else platform.device()
+        sums = torch.zeros(num_layers, self._FIELDS + 1, device=device)
+        if self._sums:
+            index = torch.tensor(sorted(self._sums), device=device)
+            rows = torch.stack([self._sums[i].to(device) for i in sorted(self._sums)])
+            counts = torch.tensor(
+                [float(self._counts[i]) for i in sorted(self._sums)], device=device
+            )
+            sums[index] = torch.cat([rows, counts[:, None]], dim=1)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for group in groups:
                 if group is not None and torch.distributed.get_world_size(group) > 1:
                     torch.distributed.all_reduce(sums, group=group)
         out = {}
-        for idx in range(num_layers):
-            count = float(sums[idx, self._FIELDS])
+        for idx, row in enumerate(sums.tolist()):  # one device-to-host copy
+            count = row[self._FIELDS]
             if count > 0:
-                kept, gate, loss = (sums[idx, :3] / count).tolist()
-                kth_sum, kth_count = sums[idx, 3:5].tolist()
+                kept, gate, loss = (v / count for v in row[:3])
+                kth_sum, kth_count = row[3:5]
                 kth = kth_sum / kth_count if kth_count > 0 else None
                 out[idx] = LayerRoutingStats(kept, gate, loss, kth)
         return out

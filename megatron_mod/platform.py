@@ -155,6 +155,19 @@ def apply_cpu_patches() -> None:
         original_init(*args, **kwargs)
 
     mcore_random.initialize_rng_tracker = initialize_rng_tracker
+    # Activation recomputation saves and restores the "CUDA" generator; on CPU hosts that is the
+    # CPU generator, which the tracker above already stands in for.
+    mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
+    # The recomputed forward runs inside autograd's backward, where TorchFunctionModes are not
+    # active, and it allocates on "cuda" (causal masks); run it under the CPU redirection again.
+    checkpoint_backward = mcore_random.CheckpointFunction.backward
+
+    def backward_on_cpu(ctx, *args):
+        with _CudaToCpuMode():
+            return checkpoint_backward(ctx, *args)
+
+    mcore_random.CheckpointFunction.backward = staticmethod(backward_on_cpu)
 
     _CPU_MODE = _CudaToCpuMode()
     _CPU_MODE.__enter__()

@@ -76,7 +76,10 @@ class MoDRouter(MegatronModule):
         Returns:
             logits: [s, b] float32.
         """
-        return torch.nn.functional.linear(hidden_states.float(), self.weight, self.bias).squeeze(-1)
+        # The parameters are fp32, but a wrapper such as Megatron-LM's Float16Module casts the
+        # whole model to bf16/fp16; routing stays in fp32 either way, as megatron's MoE gating does.
+        weight, bias = self.weight.float(), self.bias.float()
+        return torch.nn.functional.linear(hidden_states.float(), weight, bias).squeeze(-1)
 
 
 @dataclass

@@ -28,8 +28,11 @@ def rope(x, positions, base, dim):
     return x * emb.cos() + rotated * emb.sin()
 
 
-def dense_layer_on_tokens(layer, h, positions, rotary_base):
-    """Run a megatron TransformerLayer's math on one sequence's tokens h [t, hidden]."""
+def dense_layer_on_tokens(layer, h, positions, rotary_base, mask=None):
+    """Run a megatron TransformerLayer's math on one sequence's tokens h [t, hidden].
+
+    ``mask``: optional [t, t] bool, True where a query must not see a key (default: causal).
+    """
     cfg = layer.config
     heads, groups = cfg.num_attention_heads, cfg.num_query_groups
     head_dim = cfg.kv_channels
@@ -48,8 +51,9 @@ def dense_layer_on_tokens(layer, h, positions, rotary_base):
     k = k.repeat_interleave(q_per_group, dim=1)
     v = v.repeat_interleave(q_per_group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(head_dim)
-    causal = torch.ones(h.shape[0], h.shape[0], dtype=torch.bool, device=h.device).triu(1)
-    probs = scores.masked_fill(causal, float("-inf")).softmax(-1)
+    if mask is None:
+        mask = torch.ones(h.shape[0], h.shape[0], dtype=torch.bool, device=h.device).triu(1)
+    probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
     attn = torch.einsum("hqk,khd->qhd", probs, v).reshape(h.shape[0], heads * head_dim)
     h = h + attn @ sd["self_attention.linear_proj.weight"].t()
 
@@ -58,8 +62,14 @@ def dense_layer_on_tokens(layer, h, positions, rotary_base):
     return h + (torch.nn.functional.silu(gate) * up) @ sd["mlp.linear_fc2.weight"].t()
 
 
-def mod_layer_reference(layer, hidden, rotary_base, threshold, gate_mode, keep=None):
-    """Reference forward of a routed layer on hidden [s, b, h] -> ([s, b, h], keep [s, b])."""
+def mod_layer_reference(
+    layer, hidden, rotary_base, threshold, gate_mode, keep=None, attention_mask=None
+):
+    """Reference forward of a routed layer on hidden [s, b, h] -> ([s, b, h], keep [s, b]).
+
+    ``attention_mask``: optional megatron mask [b, 1, s, s] (True = masked), restricted to each
+    sequence's kept tokens.
+    """
     w = layer.router.weight.detach()
     b = layer.router.bias.detach()
     logits = hidden.float() @ w.t().squeeze(-1) + b
@@ -72,7 +82,10 @@ def mod_layer_reference(layer, hidden, rotary_base, threshold, gate_mode, keep=N
         if idx.numel() == 0:
             continue
         h_kept = hidden[idx, col]
-        y = dense_layer_on_tokens(layer, h_kept, idx, rotary_base)
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[col, 0][idx][:, idx]
+        y = dense_layer_on_tokens(layer, h_kept, idx, rotary_base, mask)
         g = gates[idx, col][:, None].to(hidden.dtype)
         if gate_mode == "scale":
             out[idx, col] = h_kept + g * (y - h_kept)

@@ -488,7 +488,8 @@ def test_skipped_tokens_cost_no_layer_compute(mcore):
 
     seq, batch = 32, 2
     layer, rope, config = _layer_and_rope(
-        MoDConfig(routing="topk", capacity=0.25, routed_layers="all"), seq
+        MoDConfig(routing="topk", capacity=0.25, routed_layers="all", compact_length_multiple=1),
+        seq,
     )
     seen = []
     layer.self_attention.linear_qkv.register_forward_hook(
