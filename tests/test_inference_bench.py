@@ -7,6 +7,10 @@ methods), and the dense reference is ``transformers``' own ``DynamicCache`` fill
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,3 +144,55 @@ def test_batched_cache_allocates_at_most_the_longest_sequence_plus_one_chunk():
         longest = int(cache.lengths[layer].max())
         capacity = cache.keys[layer].shape[2]
         assert longest <= capacity < longest + CHUNK, (layer, longest, capacity)
+
+
+def _save_export(model: LlamaModForCausalLM, out: Path) -> None:
+    """A llama_mod directory as the exporter writes it: weights, config with auto_map, code."""
+    model.save_pretrained(out, safe_serialization=True)
+    for name in ("configuration_llama_mod.py", "modeling_llama_mod.py"):
+        shutil.copy2(REPO / "megatron_mod" / "hf" / name, out / name)
+    config = json.loads((out / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoConfig": "configuration_llama_mod.LlamaModConfig",
+        "AutoModelForCausalLM": "modeling_llama_mod.LlamaModForCausalLM",
+    }
+    (out / "config.json").write_text(json.dumps(config))
+
+
+def test_bench_inference_runs_at_tiny_size(tmp_path):
+    # The whole benchmark on the random 4-layer model: calibrated variants plus a "trained" export
+    # loaded with trust_remote_code; every row's c_eff follows from the calibration and the
+    # cached bytes follow from c_eff.
+    trained = LlamaModForCausalLM(
+        LlamaModConfig(**{**BASE, "vocab_size": 256}, mod_routed_layers=[1, 3])
+    ).eval()
+    _save_export(trained, tmp_path / "trained")
+    out = tmp_path / "results"
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "bench_inference.py"),
+        "--model", "tiny", "--contexts", "64,96", "--batches", "1,2", "--new-tokens", "3",
+        "--rounds", "1", "--kept", "0.25,1", "--calib-tokens", "256", "--threads", "1",
+        "--trained", str(tmp_path / "trained"), "--out-dir", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| ctx | batch | variant |" in proc.stdout
+    (json_path,) = out.glob("bench_inference_tiny_*.json")
+    assert (out / (json_path.stem + ".png")).stat().st_size > 10_000
+    result = json.loads(json_path.read_text())
+    rows = result["rows"]
+    assert {(r["context"], r["batch"]) for r in rows} == {(64, 1), (64, 2), (96, 1), (96, 2)}
+    assert {r["variant"] for r in rows} == {"kept 0.25", "kept 1", "trained trained p=0.5"}
+    per_slot_kv = 2 * 2 * 8 * 4  # K and V, 2 KV heads x head dim 8, fp32
+    for r in rows:
+        if r["variant"] == "kept 1":  # bias set below every token's logit: all computed
+            assert r["c_eff_prefill"] == r["c_eff_decode"] == 1.0
+        elif r["variant"] == "kept 0.25":  # two dense + two routed layers at ~0.25
+            assert abs(r["c_eff_prefill"] - (2 + 2 * 0.25) / 4) < 0.1, r
+        # The MoD cache holds exactly the computed tokens (plus an 8-byte position each).
+        assert r["kv_stored_ratio"] == pytest.approx(
+            r["ideal_kv"] * per_slot_kv / (per_slot_kv + 8), rel=2e-3
+        )
+        assert r["dense_kv_bytes"] == 4 * r["batch"] * (r["context"] + 3) * per_slot_kv
+        assert r["prefill_speedup"] > 0 and r["decode_speedup"] > 0
