@@ -5,8 +5,10 @@ megatron-core ``torch_dist`` dist checkpoint, see :mod:`megatron_mod.checkpointi
 besides the model:
 
 * ``optimizer``: the Megatron optimizer's ``sharded_state_dict`` (Adam moments, fp32 main
-  weights of bf16 parameters, the step); with the distributed optimizer each data-parallel rank
-  writes its own shard (``fully_sharded_model_space``, re-shardable to any layout);
+  weights of bf16 parameters, the step), keyed by model parameter so it loads under any layout;
+  with the distributed optimizer each data-parallel rank writes its own shard
+  (``dp_reshardable``: loads under another DP size) or, with ``optimizer_format=
+  "fully_reshardable"``, DP rank 0 writes it per parameter (loads under any layout);
 * ``rng_state``: one ``ShardedObject`` per rank (Python, NumPy, torch CPU and CUDA generators
   and megatron's tensor-parallel RNG tracker), restored when the layout is unchanged;
 * ``train_state.json``: iteration, consumed samples, skipped iterations, the LR scheduler's
@@ -47,9 +49,10 @@ __all__ = [
 
 TRAIN_STATE_FILENAME = "train_state.json"
 TRAIN_STATE_VERSION = 1
-# The distributed optimizer's checkpoint format: keyed by model parameter, so it loads under any
-# TP/PP/DP layout and into the non-distributed optimizer too.
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+# The distributed optimizer's checkpoint formats (megatron-core names): ``dp_reshardable`` saves
+# each rank's buffers as they are (fully parallel, no gather; loads under another DP size only),
+# ``fully_reshardable`` gathers them per parameter on DP rank 0 (loads under any layout).
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
@@ -261,6 +264,7 @@ def save_training_checkpoint(
     metadata,
     state: TrainState,
     keep_last: int = 0,
+    optimizer_format: str = "dp_reshardable",
 ) -> Path:
     """Save iteration ``state.iteration`` of a run (collective: call on every rank).
 
@@ -273,20 +277,25 @@ def save_training_checkpoint(
         state: iteration, data position, arguments (its ``scheduler`` and ``layout`` are filled
             in here).
         keep_last: keep only the newest this many training iterations (0: keep all).
+        optimizer_format: the distributed optimizer's format (:data:`OPTIMIZER_FORMATS`).
 
     Returns:
         The iteration directory.
     """
+    if optimizer_format not in OPTIMIZER_FORMATS:
+        raise ValueError(f"optimizer_format {optimizer_format!r}: use one of {OPTIMIZER_FORMATS}")
     from megatron_mod.checkpointing import model_sharded_state_dict, save_model_checkpoint
 
     state.scheduler = scheduler.state_dict()
     state.layout = {
         **_layout(),
         "use_distributed_optimizer": _is_distributed(optimizer),
+        "optimizer_format": optimizer_format,
     }
     model_sd = model_sharded_state_dict(model)
+    metadata_sd = {"distrib_optim_sharding_type": optimizer_format}
     extra = {
-        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPTIMIZER_METADATA),
+        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=metadata_sd),
         "rng_state": _rng_sharded_object(_rng_state()),
     }
     iter_dir = save_model_checkpoint(
@@ -312,6 +321,58 @@ def _is_distributed(optimizer) -> bool:
     )
 
 
+def _init_empty_distributed_state(optimizer) -> None:
+    """Give a fresh distributed optimizer state tensors for the checkpoint to load into.
+
+    Without apex or Transformer Engine, megatron-core reads the Adam step from the state, which
+    a never-stepped optimizer lacks. megatron-core's own dummy initialisation steps once with
+    zero gradients at the scheduler's initial learning rate; all of it is then overwritten by
+    the load (model weights, main weights, moments and step).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _saved_steps(optimizer_state) -> set:
+    """The Adam step(s) a distributed optimizer recorded in its param groups (native Adam)."""
+    states = optimizer_state if isinstance(optimizer_state, list) else [optimizer_state]
+    if isinstance(optimizer_state, dict) and "optimizer" not in optimizer_state:
+        states = list(optimizer_state.values())  # a chain of several optimizers
+    steps = set()
+    for state in states:
+        if isinstance(state, dict) and isinstance(state.get("optimizer"), dict):
+            for group in state["optimizer"].get("param_groups", []):
+                if group.get("step") is not None:
+                    steps.add(float(group["step"]))
+    return steps
+
+
+def _restore_adam_steps(optimizer, steps: set) -> None:
+    """Give every parameter state its own ``step`` tensor holding the saved step.
+
+    megatron-core's distributed optimizer, without apex or Transformer Engine (torch's own
+    Adam), keeps the step in its param groups and restores it into per-parameter states only
+    when those are empty, and then as one tensor shared by all of them, which Adam's in-place
+    increments would advance once per parameter. Both would make every later bias correction
+    differ from the uninterrupted run's.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if len(steps) != 1:
+        return
+    (step,) = steps
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        for param_state in opt.optimizer.state.values():
+            current = param_state.get("step")
+            if isinstance(current, torch.Tensor):
+                param_state["step"] = torch.full_like(current, step)
+
+
 def load_training_checkpoint(
     iter_dir: str | os.PathLike, model, optimizer, scheduler
 ) -> TrainState:
@@ -330,21 +391,62 @@ def load_training_checkpoint(
 
     iter_dir = Path(iter_dir)
     state = read_train_state(iter_dir)
+    check_optimizer_compatible(state, _layout(), _is_distributed(optimizer), iter_dir)
+    _init_empty_distributed_state(optimizer)
     model_sd = model_sharded_state_dict(model)
+    metadata_sd = {"distrib_optim_sharding_type": state.layout["optimizer_format"]}
     request = {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(
-            model_sd, is_loading=True, metadata=_OPTIMIZER_METADATA
-        ),
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata_sd),
     }
-    saved_layout = {k: v for k, v in state.layout.items() if k != "use_distributed_optimizer"}
-    same_layout = saved_layout == _layout()
+    same_layout = all(state.layout[k] == v for k, v in _layout().items())
     if same_layout:
         request["rng_state"] = _rng_sharded_object(None)
     loaded = dist_checkpointing.load(request, str(iter_dir))
     model.load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
+    steps = _saved_steps(loaded["optimizer"])
+    with torch.no_grad():  # the distributed optimizer copies into views of the parameters
+        optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer, steps)
     scheduler.load_state_dict(state.scheduler)
     if same_layout:
         _set_rng_state(loaded["rng_state"])
     return state
+
+
+def check_optimizer_compatible(
+    state: TrainState, layout: dict, distributed: bool, iter_dir: str | os.PathLike
+) -> None:
+    """Refuse an optimizer state this run cannot load, before anything is read.
+
+    Args:
+        state: the checkpoint's train state.
+        layout: this run's TP/PP/DP sizes.
+        distributed: whether this run uses the distributed optimizer.
+        iter_dir: the checkpoint (for the message).
+
+    Raises:
+        ValueError: the optimizer kind differs, or a ``dp_reshardable`` distributed-optimizer
+            state meets another tensor or pipeline parallel size.
+    """
+    saved = state.layout
+    saved_dist = bool(saved.get("use_distributed_optimizer"))
+    if saved_dist != distributed:
+        kind = "distributed" if saved_dist else "non-distributed"
+        flag = "with" if saved_dist else "without"
+        raise ValueError(
+            f"{iter_dir} holds a {kind} optimizer state; resume {flag} --use-distributed-optimizer"
+        )
+    tp, pp = "tensor_model_parallel_size", "pipeline_model_parallel_size"
+    if (
+        distributed
+        and saved.get("optimizer_format") == "dp_reshardable"
+        and (saved[tp], saved[pp]) != (layout[tp], layout[pp])
+    ):
+        raise ValueError(
+            f"{iter_dir}: the distributed optimizer state was saved as dp_reshardable under TP "
+            f"{saved[tp]} / PP {saved[pp]} and loads only under the same TP/PP (this run: TP "
+            f"{layout[tp]} / PP {layout[pp]}). Resume with the saved TP/PP, or save with "
+            "--dist-ckpt-optim-fully-reshardable to "
+            "change them."
+        )

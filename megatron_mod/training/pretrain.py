@@ -102,6 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep only the newest K training checkpoints (0: keep all)",
     )
     g.add_argument(
+        "--dist-ckpt-optim-fully-reshardable",
+        action="store_true",
+        help="save the distributed optimizer's state per parameter (gathered on DP rank 0) so "
+        "it resumes under another TP/PP too; default: each rank's shard as is (DP changes only)",
+    )
+    g.add_argument(
         "--exit-signal-handler",
         action="store_true",
         help="on SIGTERM, finish the current step, save a checkpoint and exit 0",
@@ -436,6 +442,16 @@ def pretrain(args: argparse.Namespace) -> dict:
     resume = None if args.overwrite else ckpt.find_training_checkpoint(save)
     if resume is not None:
         check_resume_args(resume[1].args, resolved, resume[0])
+        ckpt.check_optimizer_compatible(
+            resume[1],
+            {
+                "tensor_model_parallel_size": tp,
+                "pipeline_model_parallel_size": pp,
+                "data_parallel_size": _world_size() // (tp * pp),
+            },
+            args.use_distributed_optimizer,
+            resume[0],
+        )
         metadata = read_checkpoint_metadata(save)
     else:
         metadata = read_checkpoint_metadata(load)
@@ -605,6 +621,9 @@ def pretrain(args: argparse.Namespace) -> dict:
                 controller=None,
             ),
             keep_last=args.keep_last,
+            optimizer_format=(
+                "fully_reshardable" if args.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
+            ),
         )
         saved["iteration"] = iteration
         log(
