@@ -38,9 +38,14 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     """(export dir, held-out docs): a random 4-layer MoD model, routers on layers 1 and 3."""
+    return make_tiny_export(tmp_path_factory.mktemp("sweep"))
+
+
+def make_tiny_export(root: Path) -> tuple[Path, list[str]]:
+    """A tiny llama_mod export as the exporter writes it (weights, config with auto_map, code,
+    a byte-level BPE tokenizer trained here) in ``root/model``, and held-out documents."""
     from transformers import AutoTokenizer
 
-    root = tmp_path_factory.mktemp("sweep")
     docs = stdlib_docstrings(limit=120)
     out = train_hf_bpe(docs[:80], root / "model", vocab_size=320)
     tok = AutoTokenizer.from_pretrained(out)
