@@ -150,18 +150,24 @@ class MoDTokenDispatcher:
         Returns:
             [s, b, h] new hidden states.
         """
-        dtype = hidden_states.dtype
         compact_gates = gates.gather(0, state.index)
-        delta = compact_output - compact_input
-        if gate_mode == "scale":
-            mixed = compact_input + compact_gates.to(dtype)[..., None] * delta
-        elif gate_mode == "straight_through":
-            zero_with_gradient = compact_gates - compact_gates.detach()
-            mixed = compact_output + delta * zero_with_gradient.to(dtype)[..., None]
-        else:
-            raise ValueError(f"unknown gate mode {gate_mode!r}; use 'scale' or 'straight_through'")
+        mixed = self.mix(compact_input, compact_output, compact_gates, gate_mode)
         mixed = torch.where(state.valid[..., None], mixed, compact_input)
         return hidden_states.scatter(0, self._expand(state.index, hidden_states), mixed)
+
+    @staticmethod
+    def mix(
+        layer_input: torch.Tensor, layer_output: torch.Tensor, gates: torch.Tensor, gate_mode: str
+    ) -> torch.Tensor:
+        """The gated residual of kept tokens: ``[..., h]`` inputs/outputs, ``[...]`` fp32 gates."""
+        dtype = layer_input.dtype
+        delta = layer_output - layer_input
+        if gate_mode == "scale":
+            return layer_input + gates.to(dtype)[..., None] * delta
+        if gate_mode == "straight_through":
+            zero_with_gradient = gates - gates.detach()
+            return layer_output + delta * zero_with_gradient.to(dtype)[..., None]
+        raise ValueError(f"unknown gate mode {gate_mode!r}; use 'scale' or 'straight_through'")
 
     @staticmethod
     def _expand(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

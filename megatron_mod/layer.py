@@ -19,10 +19,7 @@ import math
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel.mappings import (
-    gather_from_sequence_parallel_region,
-    scatter_to_sequence_parallel_region,
-)
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.utils import make_viewless_tensor
@@ -31,6 +28,7 @@ from megatron_mod.config import MoDConfig
 from megatron_mod.dispatcher import MoDTokenDispatcher
 from megatron_mod.metrics import get_metrics_tracker
 from megatron_mod.router import MoDRouter, attach_load_loss, load_reducing_loss, select_tokens
+from megatron_mod.sequence_parallel import SequenceParallelTokenExchange
 
 __all__ = ["MoDTransformerLayer"]
 
@@ -64,9 +62,12 @@ class MoDTransformerLayer(TransformerLayer):
         self.global_layer_index = self.layer_number - 1
         self.router = MoDRouter(config, mod_config)
         multiple = mod_config.compact_length_multiple
+        self._pg_collection = kwargs.get("pg_collection")
         if config.sequence_parallel:
-            multiple = math.lcm(multiple, _tensor_parallel_size(kwargs.get("pg_collection")))
+            multiple = math.lcm(multiple, _tensor_parallel_size(self._pg_collection))
         self.dispatcher = MoDTokenDispatcher(pad_to_multiple=multiple)
+        # Under sequence parallelism only the kept tokens move between TP ranks (all-to-all).
+        self.sp_exchange = SequenceParallelTokenExchange(pad_to_multiple=multiple)
         # The last routing decision, for inspection by tests and evaluation tools.
         self.last_keep: torch.Tensor | None = None
 
@@ -101,14 +102,10 @@ class MoDTransformerLayer(TransformerLayer):
         sequence_parallel = self.config.sequence_parallel
 
         logits = self.router(hidden_states)
-        full_hidden = hidden_states
         if sequence_parallel:
-            # Every rank then routes the full sequence identically; backward keeps the local
-            # slice of the (identical) full gradient, and the router's grads are summed over TP.
+            # Every rank then routes the full sequence identically ([s, b] floats, cheap); the
+            # backward keeps each rank's slice, and the router's grads are summed over TP.
             logits = gather_from_sequence_parallel_region(logits, tensor_parallel_output_grad=False)
-            full_hidden = gather_from_sequence_parallel_region(
-                hidden_states, tensor_parallel_output_grad=False
-            )
 
         decision = select_tokens(logits, self.mod_config)
         self.last_keep = decision.keep
@@ -121,7 +118,13 @@ class MoDTransformerLayer(TransformerLayer):
                 self.global_layer_index, kept_fraction, mean_gate, load_loss, decision.kth_gate
             )
 
-        compact, state = self.dispatcher.dispatch(full_hidden, decision.keep)
+        if sequence_parallel:
+            group = self._tp_group()
+            plan = self.sp_exchange.plan(decision.keep, group)
+            state = plan.state
+            layer_input = self.sp_exchange.dispatch(hidden_states, plan, group)
+        else:
+            layer_input, state = self.dispatcher.dispatch(hidden_states, decision.keep)
         layer_kwargs = dict(kwargs)
         attention_mask = kwargs.get("attention_mask")
         layer_kwargs["attention_mask"] = (
@@ -134,24 +137,28 @@ class MoDTransformerLayer(TransformerLayer):
         )
         for key in ("rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin"):
             layer_kwargs.pop(key, None)
-        layer_input = scatter_to_sequence_parallel_region(compact) if sequence_parallel else compact
         layer_output, context = super().forward(hidden_states=layer_input, **layer_kwargs)
         if sequence_parallel:
-            layer_output = gather_from_sequence_parallel_region(
-                layer_output, tensor_parallel_output_grad=False
+            output = self.sp_exchange.combine(
+                hidden_states, layer_output, decision.gates, plan, self.mod_config.gate, group
             )
-        output = self.dispatcher.combine(
-            full_hidden, compact, layer_output, decision.gates, state, self.mod_config.gate
-        )
+        else:
+            output = self.dispatcher.combine(
+                hidden_states, layer_input, layer_output, decision.gates, state,
+                self.mod_config.gate,
+            )  # fmt: skip
 
-        if sequence_parallel:
-            output = scatter_to_sequence_parallel_region(output)
         if self.training and coeff > 0 and torch.is_grad_enabled():
             output = attach_load_loss(output, load_loss)
         output = make_viewless_tensor(
             inp=output, requires_grad=output.requires_grad, keep_graph=True
         )
         return output, context
+
+    def _tp_group(self):
+        """The tensor-parallel group: from the layer's pg_collection, else megatron's state."""
+        group = getattr(self._pg_collection, "tp", None) if self._pg_collection else None
+        return group if group is not None else parallel_state.get_tensor_model_parallel_group()
 
 
 def _in_backward_recomputation() -> bool:

@@ -58,3 +58,27 @@ def test_parallel_layout_matches_tp1(reference, layout, tmp_path):
     assert got["router_bias_grad"] == pytest.approx(ref["router_bias_grad"], rel=1e-4, abs=1e-9)
     assert got["router_weight_grad_norm"] == pytest.approx(ref["router_weight_grad_norm"], rel=1e-4)
     assert all(abs(g) > 0 for g in ref["router_bias_grad"])
+
+
+@pytest.mark.slow
+def test_sequence_parallel_traffic_scales_with_the_kept_fraction(tmp_path):
+    """Under SP a routed layer moves ~c of a dense layer's data, not s + 5*s_c token rows."""
+    out = tmp_path / "traffic.json"
+    seq = 512
+    run_script(
+        Path(__file__).parent / "distributed" / "sp_traffic.py",
+        ["--out", str(out), "--seq", str(seq), "--multiple", "2", "--capacities", "0.25,0.5"],
+        nproc=2,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    dense = rows["dense"]["forward_token_rows_max"]
+    assert dense == 4 * seq / 2  # two all-gathers and two reduce-scatters of s/tp rows each
+    for c in (0.25, 0.5):
+        mod = rows[f"c={c}"]
+        compact = c * seq
+        gather_everything = (seq + 5 * compact) / 2  # all-gather of the full sequence design
+        assert mod["forward_token_rows_max"] <= c * dense + 0.1 * compact, (c, mod)
+        assert mod["forward_token_rows_max"] < 0.7 * gather_everything, (c, mod)
+        assert (
+            mod["total_token_rows_max"] <= c * rows["dense"]["total_token_rows_max"] + 0.1 * compact
+        )

@@ -28,7 +28,11 @@ NUM_MICROBATCHES = 2
 def _mod_config():
     from megatron_mod.config import MoDConfig
 
-    return MoDConfig(routed_layers="all", threshold=0.5, load_loss_coeff=0.05)
+    # compact_length_multiple=1: the compact batch really shrinks at this short sequence length
+    # (the default multiple, 64, would cap it at the full 32 tokens).
+    return MoDConfig(
+        routed_layers="all", threshold=0.5, load_loss_coeff=0.05, compact_length_multiple=1
+    )
 
 
 def _build(tp: int, pp: int, sp: bool):
