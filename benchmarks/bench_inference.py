@@ -349,6 +349,8 @@ class Run:
     kept_prefill: list[float] = field(default_factory=list)
     kept_decode: list[float] = field(default_factory=list)
     kept_cache: list[float] = field(default_factory=list)
+    executed_decode: list[float] = field(default_factory=list)
+    """Per layer: fraction of decode steps in which the layer ran for at least one sequence."""
 
 
 def run_once(model, ids: torch.Tensor, new_tokens: int, is_mod: bool, mem: PeakMemory) -> Run:
@@ -385,6 +387,16 @@ def run_once(model, ids: torch.Tensor, new_tokens: int, is_mod: bool, mem: PeakM
         run.kept_prefill = [n / (batch * ctx) for n in prefill_lengths]
         run.kept_decode = [(e - s) / (batch * new_tokens) for s, e in zip(prefill_lengths, end)]
         run.kept_cache = [n / (batch * (ctx + new_tokens)) for n in end]
+        # A batched decode step runs a layer (reading all its weights) if any sequence keeps the
+        # token there: the decode positions stored by any sequence count the executed steps.
+        for layer in range(len(end)):
+            pos, lengths = cache.positions[layer], cache.lengths[layer]
+            if pos is None:
+                run.executed_decode.append(0.0)
+                continue
+            stored = [pos[b, : int(lengths[b])] for b in range(batch)]
+            steps = torch.unique(torch.cat(stored))
+            run.executed_decode.append(int((steps >= ctx).sum()) / new_tokens)
     del out, cache
     return run
 
@@ -419,11 +431,30 @@ def _weights_bytes(model) -> int:
     return total
 
 
-def summarize(variant: Variant, ctx: int, batch: int, dense_runs, mod_runs, weights: int) -> dict:
+def head_fraction(model) -> float:
+    """Share of the LM head in the weights a one-token decode step multiplies with.
+
+    Decoding one token is bound by reading weights: every decoder layer's linear weights and
+    the LM head (the embedding is a lookup). Routing skips layers, never the head.
+    """
+    head = model.get_output_embeddings().weight.numel()
+    layers = sum(
+        m.weight.numel()
+        for layer in model.model.layers
+        for name, m in layer.named_modules()
+        if isinstance(m, torch.nn.Linear) and "router" not in name
+    )
+    return head / (head + layers)
+
+
+def summarize(
+    variant: Variant, ctx: int, batch: int, dense_runs, mod_runs, weights: int, head: float
+) -> dict:
     """One result row: medians over rounds of the per-round dense/MoD ratios."""
     first = mod_runs[0]
     c_prefill = _c_eff(first.kept_prefill)
     c_decode = _c_eff(first.kept_decode)
+    c_exec = _c_eff(first.executed_decode)
     c_cache = _c_eff(first.kept_cache)
     d_peak = _median([r.peak_added for r in dense_runs])
     m_peak = _median([r.peak_added for r in mod_runs])
@@ -440,6 +471,10 @@ def summarize(variant: Variant, ctx: int, batch: int, dense_runs, mod_runs, weig
         "kept_decode_per_layer": [round(x, 4) for x in first.kept_decode],
         "ideal_prefill": round(1.0 / c_prefill, 4),
         "ideal_decode": round(1.0 / c_decode, 4) if c_decode > 0 else None,
+        "c_exec_decode": round(c_exec, 4),
+        "head_fraction": round(head, 4),
+        # Weight reads per decode step: the head always, each layer when it runs for any row.
+        "ideal_decode_weights": round(1.0 / (head + (1.0 - head) * c_exec), 4),
         "ideal_kv": round(1.0 / c_cache, 4),
         "prefill_speedup": round(
             _median([d.prefill_s / m.prefill_s for d, m in zip(dense_runs, mod_runs)]), 4
@@ -508,22 +543,24 @@ def prompt_tokens(tok, vocab: int, needed: int, seed: int) -> torch.Tensor:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Ratios dense / MoD (higher is better) next to the ideal 1 / c_eff."""
+    """Ratios dense / MoD (higher is better) next to their ideals."""
     head = (
-        "| ctx | batch | variant | c_eff prefill / decode | ideal 1/c_eff | prefill × "
-        "(median / best) | decode × (median / best) | KV allocated × | KV stored × | "
-        "peak added × | peak process × | dense prefill s | dense decode ms/token |\n"
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| ctx | batch | variant | c_eff prefill / decode | prefill × (median / best) | "
+        "ideal | decode × (median / best) | ideal 1/c_eff / weights | KV allocated × | ideal | "
+        "KV stored × | peak added × | peak process × | dense prefill s | dense decode ms |\n"
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for r in rows:
         peak = r["peak_added_ratio"]
         lines.append(
             f"| {r['context']} | {r['batch']} | {r['variant']} | "
-            f"{r['c_eff_prefill']:.3f} / {r['c_eff_decode']:.3f} | {r['ideal_prefill']:.2f} | "
+            f"{r['c_eff_prefill']:.3f} / {r['c_eff_decode']:.3f} | "
             f"**{r['prefill_speedup']:.2f}** / {r['prefill_speedup_min']:.2f} | "
+            f"{r['ideal_prefill']:.2f} | "
             f"**{r['decode_speedup']:.2f}** / {r['decode_speedup_min']:.2f} | "
-            f"**{r['kv_alloc_ratio']:.2f}** | {r['kv_stored_ratio']:.2f} | "
+            f"{r['ideal_decode'] or float('nan'):.2f} / {r['ideal_decode_weights']:.2f} | "
+            f"**{r['kv_alloc_ratio']:.2f}** | {r['ideal_kv']:.2f} | {r['kv_stored_ratio']:.2f} | "
             f"{'n/a' if peak is None else f'{peak:.2f}'} | {r['peak_process_ratio']:.2f} | "
             f"{statistics.median(r['dense_prefill_s']):.2f} | "
             f"{statistics.median(r['dense_decode_ms_per_token']):.1f} |"
@@ -695,7 +732,9 @@ def main(argv: list[str] | None = None) -> int:
             for vi, v in enumerate(variants):
                 dense_runs = runs[(ctx, batch, "dense", dense_index[id(v.dense)])]
                 mod_runs = runs[(ctx, batch, "mod", vi)]
-                rows.append(summarize(v, ctx, batch, dense_runs, mod_runs, weights))
+                rows.append(
+                    summarize(v, ctx, batch, dense_runs, mod_runs, weights, head_fraction(v.mod))
+                )
     result = {
         "benchmark": "bench_inference",
         "model": model_name,
