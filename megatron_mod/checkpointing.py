@@ -200,6 +200,8 @@ class CheckpointMetadata:
             ffn_hidden_size=cfg.ffn_hidden_size,
             vocab_size=self.vocab_size,
             padded_vocab_size=self.padded_vocab_size,
+            qkv_bias=bool(cfg.add_qkv_bias),
+            tied=bool(getattr(cfg, "share_embeddings_and_output_weights", False)),
         )
 
 

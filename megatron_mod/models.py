@@ -22,10 +22,26 @@ class LlamaTransformerConfig(TransformerConfig):
     """megatron-core TransformerConfig plus the LLaMA facts GPTModel takes as arguments."""
 
     rotary_base: float = 10000.0
-    """RoPE theta (10000 for LLaMA-2)."""
+    """RoPE theta (10000 for LLaMA-2, 500000 for LLaMA-3.x); kept exact, fractions included."""
+
+    rope_scaling: bool = False
+    """LLaMA-3.x RoPE frequency scaling (megatron-core's: low 1, high 4, original 8192)."""
+
+    rope_scaling_factor: float = 8.0
+    """LLaMA-3.x RoPE scaling factor (8 for 3.1, 32 for 3.2); used when ``rope_scaling``."""
+
+    share_embeddings_and_output_weights: bool = False
+    """Tied input embedding and output layer (SmolLM2, LLaMA-3.2 1B/3B, small Qwen2.5)."""
 
     preset: str = "custom"
     """Name of the preset this config came from (for logs and checkpoint metadata)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.rotary_base > 0:
+            raise ValueError(f"rotary_base={self.rotary_base} must be positive")
+        if self.rope_scaling and not self.rope_scaling_factor >= 1.0:
+            raise ValueError(f"rope_scaling_factor={self.rope_scaling_factor} must be >= 1")
 
 
 # Shapes from the published configs. vocab/sequence length are model-builder arguments.
@@ -164,8 +180,11 @@ def build_gpt_model(
     """Build this pipeline stage's GPTModel; routed layers per ``mod_config``.
 
     ``mod_config=None`` builds megatron-core's plain dense GPTModel (the reference model).
-    Embeddings and output layer are untied, as in LLaMA; RoPE uses ``rotary_base`` when the
-    config carries one.
+    Embeddings and output layer are untied as in LLaMA-2 unless the config sets
+    ``share_embeddings_and_output_weights`` (megatron-core then keeps one matrix; under
+    pipeline parallelism the last stage holds a copy whose gradient megatron-core's
+    ``finalize_model_grads`` all-reduces with the first stage's). RoPE uses the config's
+    ``rotary_base``, ``rope_scaling`` and ``rope_scaling_factor`` when it carries them.
 
     Args:
         transformer_config: from :func:`llama_config` (or any megatron TransformerConfig).
@@ -191,8 +210,12 @@ def build_gpt_model(
         max_sequence_length=max_seq_len,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=bool(
+            getattr(transformer_config, "share_embeddings_and_output_weights", False)
+        ),
         position_embedding_type="rope",
-        rotary_base=int(getattr(transformer_config, "rotary_base", 10000)),
+        rotary_base=getattr(transformer_config, "rotary_base", 10000),
+        rope_scaling=bool(getattr(transformer_config, "rope_scaling", False)),
+        rope_scaling_factor=float(getattr(transformer_config, "rope_scaling_factor", 8.0)),
         vp_stage=vp_stage,
     )

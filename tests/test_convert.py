@@ -490,18 +490,52 @@ def test_converters_ask_for_no_gpu_on_a_gpu_host(work, tmp_path, monkeypatch):
     assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
-def test_tied_embeddings_are_untied_on_import(tmp_path, mcore):
-    from megatron_mod.hf.convert import convert_hf_to_megatron
+def test_tied_embeddings_stay_tied(tmp_path, mcore):
+    """A tied source (SmolLM2, LLaMA-3.2 1B/3B) becomes a megatron model with one shared matrix
+    and exports with tie_word_embeddings and no lm_head tensor."""
+    from safetensors import safe_open
+
+    from megatron_mod.checkpointing import checkpoint_tensor_shapes, load_model_checkpoint
+    from megatron_mod.hf.convert import convert_hf_to_megatron, convert_megatron_to_hf
 
     hf = _make_hf(tmp_path / "hf", seed=3, tie_word_embeddings=True)
     tokens = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
     summary = convert_hf_to_megatron(
         tmp_path / "hf", tmp_path / "ck", mod_config=P0, progress=False
     )
-    assert any("tied" in n for n in summary.notes)
+    assert any("kept tied" in n for n in summary.notes)
+    assert "output_layer.weight" not in checkpoint_tensor_shapes(tmp_path / "ck" / "iter_0000000")
+    model, _ = load_model_checkpoint(tmp_path / "ck")
+    assert model.share_embeddings_and_output_weights and model.output_layer.weight is None
     logits, _, _ = _megatron_logits(tmp_path / "ck", tokens)
     with torch.no_grad():
         assert (logits[..., :VOCAB] - hf(tokens).logits).abs().max() <= 1e-4
+    convert_megatron_to_hf(tmp_path / "ck", tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()
+
+
+def test_reimport_of_a_mod_export_keeps_its_mod_settings(work, tmp_path):
+    """A llama_mod export carries its routing settings; importing it again keeps them, and only
+    a --mod-* flag given on the command line replaces one."""
+    from megatron_mod.checkpointing import read_checkpoint_metadata
+    from megatron_mod.hf.convert import convert_megatron_to_hf
+    from tools.convert_hf_to_megatron import main
+
+    exported = tmp_path / "hf_mod"
+    convert_megatron_to_hf(work["root"] / "ck_routed", exported, progress=False)
+    config = json.loads((exported / "config.json").read_text())
+    config["mod_gate"] = "straight_through"  # as if trained with that gate
+    (exported / "config.json").write_text(json.dumps(config))
+    args = ["--hf-dir", str(exported), "--no-progress"]
+    assert main(args + ["--out-dir", str(tmp_path / "a")]) == 0
+    mod = read_checkpoint_metadata(tmp_path / "a").mod_config
+    assert (mod.routed_layers, mod.gate, mod.threshold) == ([0, 1, 2, 3], "straight_through", 0.5)
+    assert main(args + ["--out-dir", str(tmp_path / "b"), "--mod-threshold", "0.25"]) == 0
+    mod = read_checkpoint_metadata(tmp_path / "b").mod_config
+    assert (mod.routed_layers, mod.gate, mod.threshold) == ([0, 1, 2, 3], "straight_through", 0.25)
 
 
 def test_bf16_import_stores_bf16_and_keeps_routers_fp32(work, tmp_path):
@@ -578,8 +612,12 @@ def _assert_nothing_written(out: Path):
         ("shape", {}, r"self_attn\.k_proj\.weight has shape \[8, 64\], expected \[16, 64\]"),
         ("tp", {"tp": 4}, r"--tp 4 does not divide num_key_value_heads=2.*use one of \[1, 2\]"),
         ("pp", {"pp": 3}, r"--pp 3 does not divide num_hidden_layers=4"),
-        ("arch", {}, r"architectures=\['MistralForCausalLM'\] is not supported"),
-        ("rope", {}, r"rope_scaling=.* is not supported"),
+        ("arch", {}, r"architectures=\['GemmaForCausalLM'\] is not supported"),
+        ("rope", {}, r"RoPE scaling of type 'linear' is not supported"),
+        ("rope3", {}, r"llama3 RoPE scaling .* high_freq_factor=4.*'high_freq_factor': 2"),
+        ("key", {}, r"unknown config keys \['attn_logit_softcapping'\]"),
+        ("window", {}, r"sliding-window attention \(sliding_window=4096\) is not supported"),
+        ("f64", {}, r"model\.norm\.weight is stored as F64"),
         ("layers", {"mod_config": MoDConfig(routed_layers=[1, 7])}, r"--mod-routed-layers.*\[7\]"),
     ],
 )
@@ -593,8 +631,28 @@ def test_bad_input_is_refused_before_writing(work, tmp_path, case, kwargs, match
                 {"model.layers.1.self_attn.k_proj.weight": torch.zeros(8, 64)}
             )
         ),
-        "arch": dict(edit_config=lambda c: c.update(architectures=["MistralForCausalLM"])),
+        "arch": dict(edit_config=lambda c: c.update(architectures=["GemmaForCausalLM"])),
         "rope": dict(edit_config=lambda c: c.update(rope_scaling={"type": "linear", "factor": 2})),
+        "rope3": dict(
+            edit_config=lambda c: c.update(
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 2.0,
+                    "original_max_position_embeddings": 8192,
+                }
+            )
+        ),
+        "key": dict(edit_config=lambda c: c.update(attn_logit_softcapping=50.0)),
+        "window": dict(
+            edit_config=lambda c: c.update(
+                architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=4096
+            )
+        ),
+        "f64": dict(
+            edit_tensors=lambda t: t.update({"model.norm.weight": torch.ones(64).double()})
+        ),
     }
     hf_dir = _variant(work, tmp_path, **edits.get(case, {}))
     out = tmp_path / "out"

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 
+import transformers
 from transformers import LlamaConfig
 
 __all__ = ["LlamaModConfig"]
 
+_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 ROUTING_CHOICES = ("threshold", "topk")
 GATE_CHOICES = ("scale", "straight_through")
 
@@ -49,7 +51,10 @@ class LlamaModConfig(LlamaConfig):
             prompt (the first, cache-filling forward) still uses top-k. ``None`` makes cached
             decoding of a top-k model an error; decode with ``use_cache=False`` instead, which
             re-ranks the whole sequence at each step.
-        **kwargs: ``LlamaConfig`` arguments.
+        attention_qkv_bias: q/k/v projections carry biases and o_proj none (Qwen2 / Qwen2.5
+            converted to MoD); ``attention_bias`` (biases on all four) stays LLaMA's.
+        **kwargs: ``LlamaConfig`` arguments (``rope_theta``/``rope_scaling`` or transformers 5's
+            ``rope_parameters``).
     """
 
     model_type = "llama_mod"
@@ -62,8 +67,16 @@ class LlamaModConfig(LlamaConfig):
         mod_gate: str = "scale",
         mod_routed_layers=None,
         mod_topk_decode_threshold: float | None = None,
+        attention_qkv_bias: bool = False,
         **kwargs,
     ):
+        if not _TRANSFORMERS_5 and kwargs.get("rope_parameters") and "rope_theta" not in kwargs:
+            # A config.json written by transformers 5 (rope_parameters) read by transformers 4.
+            params = dict(kwargs.pop("rope_parameters"))
+            kwargs["rope_theta"] = params.pop("rope_theta", 10000.0)
+            if params.get("rope_type", "default") != "default":
+                kwargs["rope_scaling"] = params
+        self.attention_qkv_bias = bool(attention_qkv_bias)
         self.mod_routing = mod_routing
         self.mod_threshold = mod_threshold
         self.mod_capacity = mod_capacity

@@ -21,7 +21,7 @@ import re
 import shutil
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,10 @@ class HFCheckpointReader:
     def __init__(self, hf_dir: str | os.PathLike):
         self.hf_dir = Path(hf_dir)
         self.weight_map: dict[str, str] = {}
+        self.bin_loads = 0
+        """How many times a ``.bin`` shard was loaded (once per shard)."""
+        self._bin_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._mapped: set[str] = set()
         self.format = self._discover()
         self._aliases: dict[str, str] = {}
 
@@ -224,12 +228,24 @@ class HFCheckpointReader:
         return list(self._load_bin(file).keys())
 
     def _load_bin(self, file: str) -> dict[str, torch.Tensor]:
+        # A .bin file can only be loaded whole, and one layer's tensors may sit in several
+        # shards: memory-mapped shards stay open (file-backed pages, no resident copy), so each
+        # is loaded once. A legacy (non-zip) file cannot be mapped and is read into memory:
+        # only the last one is kept.
+        if file in self._bin_cache:
+            return self._bin_cache[file]
         path = self.hf_dir / file
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:
             # Legacy (non-zip) files cannot be memory-mapped; still no arbitrary pickles.
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self._bin_cache = {k: v for k, v in self._bin_cache.items() if k in self._mapped}
+        else:
+            self._mapped.add(file)
+        self.bin_loads += 1
+        self._bin_cache[file] = state
+        return state
 
     def alias(self, name: str, source: str) -> None:
         """Serve ``name`` from tensor ``source`` (tied embeddings: lm_head from embed_tokens)."""
@@ -308,6 +324,167 @@ def _detect_preset(shape: dict[str, Any]) -> str | None:
     return None
 
 
+# Families and their HF classes: (architecture, model_type, q/k/v biases).
+FAMILIES = {
+    "LlamaForCausalLM": ("llama", False),
+    "LlamaModForCausalLM": ("llama_mod", False),
+    "MistralForCausalLM": ("mistral", False),
+    "Qwen2ForCausalLM": ("qwen2", True),
+}
+# config.json keys read and checked below (shape, RoPE, biases, attention window, MoD).
+_MODEL_KEYS = {
+    "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "rms_norm_eps", "hidden_act", "rope_theta", "rope_scaling", "rope_parameters",
+    "tie_word_embeddings", "attention_bias", "mlp_bias", "max_position_embeddings",
+    "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
+    "attention_qkv_bias",
+    "mod_routing", "mod_threshold", "mod_capacity", "mod_gate", "mod_routed_layers",
+    "mod_topk_decode_threshold",
+}  # fmt: skip
+# Keys that never change a causal LM's forward pass (ids, dtypes, bookkeeping, training-only
+# dropout, HF's pretraining_tp which only splits the same matmuls).
+_NEUTRAL_KEYS = {
+    "_name_or_path", "_commit_hash", "auto_map", "transformers_version", "torch_dtype", "dtype",
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "use_cache", "initializer_range", "attention_dropout", "pretraining_tp", "tokenizer_class",
+    "output_attentions", "output_hidden_states", "return_dict", "torchscript", "id2label",
+    "label2id", "problem_type", "finetuning_task", "task_specific_params", "prefix",
+    "is_encoder_decoder", "is_decoder", "add_cross_attention", "tie_encoder_decoder",
+    "chunk_size_feed_forward", "pruned_heads", "cross_attention_hidden_size",
+    "use_return_dict", "embd_pdrop", "resid_pdrop", "_attn_implementation_autoset",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "temperature",
+    "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens", "num_beam_groups", "diversity_penalty",
+    "tf_legacy_loss", "use_bfloat16", "architectures_version",
+}  # fmt: skip
+_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}  # fmt: skip
+
+
+def _rope_settings(hf_config: dict[str, Any], config_path: str) -> tuple[float, float | None]:
+    """(rope theta, LLaMA-3 scaling factor or None) from a transformers 4 or 5 config.
+
+    transformers 4 writes ``rope_theta`` and ``rope_scaling``; transformers 5 writes
+    ``rope_parameters`` (``rope_type``, ``rope_theta`` and the scaling fields in one dict).
+    """
+    params = hf_config.get("rope_parameters")
+    scaling = hf_config.get("rope_scaling")
+    theta = hf_config.get("rope_theta")
+    if params is not None:
+        if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+            raise ConversionError(
+                f"{config_path}: rope_parameters={params} (per-layer RoPE) is not supported"
+            )
+        theta = params.get("rope_theta", theta)
+        if params.get("rope_type", params.get("type", "default")) != "default":
+            scaling = params
+    if theta is None:
+        theta = 10000.0
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        raise ConversionError(f"{config_path}: rope_theta={theta!r} must be a positive number")
+    if not scaling:
+        return float(theta), None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return float(theta), None
+    if kind != "llama3":
+        raise ConversionError(
+            f"{config_path}: RoPE scaling of type {kind!r} is not supported: megatron-core "
+            "implements LLaMA-3 scaling (rope_type 'llama3') only, and converting without the "
+            "scaling would change the model"
+        )
+    odd = {
+        k: scaling.get(k)
+        for k, v in _LLAMA3_ROPE.items()
+        if scaling.get(k) is None or float(scaling[k]) != v
+    }
+    factor = scaling.get("factor")
+    if odd or not isinstance(factor, (int, float)) or not factor >= 1:
+        raise ConversionError(
+            f"{config_path}: llama3 RoPE scaling {scaling} is not supported: megatron-core "
+            f"fixes low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=8192 "
+            f"and needs factor >= 1 (this config has factor={factor!r}"
+            + (f", {odd}" if odd else "")
+            + ")"
+        )
+    return float(theta), float(factor)
+
+
+def _check_family(hf_config: dict[str, Any], config_path: str) -> tuple[str, bool]:
+    """The model family (``FAMILIES``) and whether q/k/v carry biases; refuses what differs."""
+    archs = hf_config.get("architectures") or []
+    found = [a for a in archs if a in FAMILIES]
+    if not found:
+        raise ConversionError(
+            f"{config_path}: architectures={archs} is not supported; this converter handles "
+            f"{' / '.join(FAMILIES)} (LLaMA-2/3.x, Mistral, Qwen2/2.5 and megatron-mod exports)"
+        )
+    family, qkv_bias = FAMILIES[found[0]]
+    generic = set()
+    try:
+        import transformers
+
+        base = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
+        generic = set(base().to_dict())
+    except Exception:  # noqa: BLE001 - the fixed lists below still apply
+        pass
+    unknown = sorted(set(hf_config) - _MODEL_KEYS - _NEUTRAL_KEYS - generic)
+    if unknown:
+        raise ConversionError(
+            f"{config_path}: unknown config keys {unknown}; they may change the model's "
+            "computation, which this converter would not reproduce. Known model keys: "
+            f"{sorted(k for k in _MODEL_KEYS if not k.startswith('mod_'))}. If a key does not "
+            "affect the forward pass, remove it from config.json and convert again"
+        )
+    act = hf_config.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConversionError(
+            f"{config_path}: hidden_act={act!r}; only 'silu' (SwiGLU) is supported"
+        )
+    if hf_config.get("mlp_bias"):
+        raise ConversionError(f"{config_path}: mlp_bias=true is not supported")
+    if hf_config.get("attention_bias"):
+        raise ConversionError(
+            f"{config_path}: attention_bias=true (biases on q/k/v and o_proj) is not supported; "
+            "Qwen2-style q/k/v biases are (Qwen2ForCausalLM)"
+        )
+    if family == "llama_mod" and hf_config.get("attention_qkv_bias"):
+        qkv_bias = True
+    window = hf_config.get("sliding_window")
+    if family == "qwen2":
+        window = window if hf_config.get("use_sliding_window") else None
+    if family in ("mistral", "qwen2") and window is not None:
+        raise ConversionError(
+            f"{config_path}: sliding-window attention (sliding_window={window}) is not "
+            "supported: routed layers attend over the compacted kept tokens, where a window "
+            "over original positions is not implemented. Mistral v0.2+ and Qwen2.5 "
+            "checkpoints have no window (sliding_window null / use_sliding_window false)"
+        )
+    kinds = set(hf_config.get("layer_types") or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise ConversionError(
+            f"{config_path}: layer_types {sorted(kinds)}: only full attention is supported"
+        )
+    return family, qkv_bias
+
+
+def source_mod_config(hf_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The MoD settings a ``llama_mod`` export carries (``MoDConfig`` field -> value), or None."""
+    if "LlamaModForCausalLM" not in (hf_config.get("architectures") or []):
+        return None
+    out = {}
+    for field_name in ("routing", "threshold", "capacity", "gate", "routed_layers"):
+        if hf_config.get(f"mod_{field_name}") is not None:
+            out[field_name] = hf_config[f"mod_{field_name}"]
+    if hf_config.get("mod_topk_decode_threshold") is not None:
+        out["topk_decode_threshold"] = hf_config["mod_topk_decode_threshold"]
+    return out
+
+
 def hf_config_to_metadata(
     hf_config: dict[str, Any],
     tp: int,
@@ -317,7 +494,7 @@ def hf_config_to_metadata(
     max_seq_len: int | None = None,
     config_path: str = "config.json",
 ) -> CheckpointMetadata:
-    """Validate a HF LLaMA ``config.json`` for a TP/PP layout and turn it into metadata.
+    """Validate a HF ``config.json`` (LLaMA family) for a TP/PP layout and turn it into metadata.
 
     Raises:
         ConversionError: naming the config field or flag at fault and what to do.
@@ -328,27 +505,9 @@ def hf_config_to_metadata(
             raise ConversionError(f"{config_path}: missing required field {key!r}")
         return hf_config[key]
 
-    archs = hf_config.get("architectures") or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise ConversionError(
-            f"{config_path}: architectures={archs} is not supported; this converter handles "
-            f"{' / '.join(SUPPORTED_ARCHITECTURES)} (LLaMA-family checkpoints)"
-        )
-    if hf_config.get("rope_scaling"):
-        raise ConversionError(
-            f"{config_path}: rope_scaling={hf_config['rope_scaling']} is not supported "
-            "(megatron_mod implements plain RoPE); convert a checkpoint without rope_scaling"
-        )
-    act = hf_config.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConversionError(
-            f"{config_path}: hidden_act={act!r}; only 'silu' (SwiGLU) is supported"
-        )
-    for key in ("attention_bias", "mlp_bias"):
-        if hf_config.get(key):
-            raise ConversionError(
-                f"{config_path}: {key}=true is not supported (LLaMA has no biases)"
-            )
+    _, qkv_bias = _check_family(hf_config, config_path)
+    rope_theta, rope_factor = _rope_settings(hf_config, config_path)
+    tied = bool(hf_config.get("tie_word_embeddings", False))
 
     layers, hidden = int(need("num_hidden_layers")), int(need("hidden_size"))
     heads = int(need("num_attention_heads"))
@@ -387,7 +546,13 @@ def hf_config_to_metadata(
     )
     preset = _detect_preset(shape)
     overrides: dict[str, Any] = dict(shape)
-    overrides["rotary_base"] = float(hf_config.get("rope_theta", 10000.0))
+    overrides["rotary_base"] = rope_theta
+    if rope_factor is not None:
+        overrides.update(rope_scaling=True, rope_scaling_factor=rope_factor)
+    if tied:
+        overrides["share_embeddings_and_output_weights"] = True
+    if qkv_bias:
+        overrides["add_qkv_bias"] = True
     if head_dim * heads != hidden:
         overrides["kv_channels"] = head_dim
     if preset is None:
@@ -410,21 +575,31 @@ def hf_config_to_metadata(
 def _validate_hf_tensors(
     reader: HFCheckpointReader,
     dims: LlamaDims,
-    tied: bool,
     routed: list[int],
-) -> tuple[set[int], torch.dtype | None]:
-    """Check every expected tensor exists with the right shape; returns source router layers."""
+) -> tuple[set[int], torch.dtype, list[str]]:
+    """Check every expected tensor exists with the right shape.
+
+    Returns:
+        (layers whose routers the source carries, the dtype to store, notes for the summary).
+    """
     stored = reader.shapes()
     expected = hf_param_shapes(dims)
-    if tied and "lm_head.weight" not in stored:
-        reader.alias("lm_head.weight", "model.embed_tokens.weight")
-        stored["lm_head.weight"] = stored.get("model.embed_tokens.weight", ((), None, "?"))
+    notes = []
+    if dims.tied and "lm_head.weight" in stored:
+        # transformers ties lm_head to embed_tokens when the config says so, whatever is stored.
+        notes.append("lm_head.weight in the source ignored: the config ties it to embed_tokens")
+        del stored["lm_head.weight"]
     where = "model.safetensors.index.json" if len(set(reader.weight_map.values())) > 1 else ""
     for name, shape in expected.items():
         if name not in stored:
+            hint = (
+                " (the config has tie_word_embeddings=false; is the model tied?)"
+                if name == "lm_head.weight"
+                else ""
+            )
             raise ConversionError(
                 f"{reader.hf_dir}: tensor {name} is missing{f' from {where}' if where else ''}; "
-                "the checkpoint is incomplete or not a LLaMA model"
+                f"the checkpoint is incomplete or not a LLaMA-family model{hint}"
             )
         got, _, file = stored[name]
         if tuple(got) != tuple(shape):
@@ -450,11 +625,26 @@ def _validate_hf_tensors(
             source_routers.add(idx)
             continue
         raise ConversionError(
-            f"{reader.hf_dir / stored[name][2]}: unexpected tensor {name} for a LLaMA model; "
-            "this converter handles LlamaForCausalLM / LlamaModForCausalLM checkpoints only"
+            f"{reader.hf_dir / stored[name][2]}: unexpected tensor {name} for this model "
+            "(config.json describes no such parameter); the converter handles the LLaMA-family "
+            "layouts listed in docs/checkpoints.md only"
         )
-    dtypes = {stored[n][1] for n in expected}
-    return source_routers, (dtypes.pop() if len(dtypes) == 1 else None)
+    found: dict[Any, str] = {}
+    for name in expected:
+        found.setdefault(stored[name][1], name)
+    if torch.float64 in found or None in found:
+        bad = found.get(torch.float64) or found.get(None)
+        raise ConversionError(
+            f"{reader.hf_dir / stored[bad][2]}: tensor {bad} is stored as "
+            f"{'F64' if torch.float64 in found else 'an unsupported dtype'}; convert the "
+            "checkpoint to fp32/bf16/fp16 first (megatron-core trains in those)"
+        )
+    if len(found) == 1:
+        return source_routers, next(iter(found)), notes
+    # Mixed source dtypes: fp32 represents bf16 and fp16 values exactly, so nothing is rounded.
+    names = ", ".join(f"{dtype_name(d)} (e.g. {n})" for d, n in found.items())
+    notes.append(f"source mixes dtypes {names}: stored as float32, which holds each exactly")
+    return source_routers, torch.float32, notes
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
@@ -519,8 +709,9 @@ def convert_hf_to_megatron(
     max_seq_len: int | None = None,
     seed: int = 1234,
     progress: bool = True,
+    explicit_mod_fields: Collection[str] | None = None,
 ) -> ConversionSummary:
-    """Convert a HF LLaMA checkpoint into a megatron-mod (torch_dist) checkpoint.
+    """Convert a HF LLaMA-family checkpoint (or a GGUF file) into a megatron-mod checkpoint.
 
     Everything is validated before the first byte is written. The checkpoint holds full (TP=1)
     tensors in ``torch_dist`` format, which megatron-core loads with any TP/PP; ``tp``/``pp``
@@ -528,7 +719,9 @@ def convert_hf_to_megatron(
     training default.
 
     Args:
-        hf_dir: HF model directory (config.json + safetensors or pytorch_model*.bin).
+        hf_dir: HF model directory (config.json + safetensors or pytorch_model*.bin), or a
+            ``.gguf`` file (dequantized through transformers' GGUF loader first, see
+            :mod:`megatron_mod.hf.gguf`).
         out_dir: checkpoint directory to create.
         tp: tensor-model-parallel size the checkpoint is prepared for.
         pp: pipeline-model-parallel size the checkpoint is prepared for.
@@ -539,6 +732,11 @@ def convert_hf_to_megatron(
         max_seq_len: default ``max_position_embeddings``.
         seed: seed of the router initialisation.
         progress: show a tqdm progress bar.
+        explicit_mod_fields: for a ``llama_mod`` source (a megatron-mod export), the
+            ``MoDConfig`` fields of ``mod_config`` that override the source's own routing,
+            threshold, capacity, gate, routed layers and top-k decode threshold; every other
+            one of these is kept from the source (the CLI passes the ``--mod-*`` flags given
+            on its command line). ``None``: none, the source's settings are all kept.
 
     Returns:
         A :class:`ConversionSummary`.
@@ -546,15 +744,57 @@ def convert_hf_to_megatron(
     Raises:
         ConversionError: bad input (nothing is written).
     """
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    if hf_dir.is_file() and hf_dir.suffix == ".gguf":
+        import tempfile
+
+        from megatron_mod.hf.gguf import gguf_to_hf
+
+        out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir.absolute().parent, prefix=".gguf-") as tmp:
+            gguf_to_hf(hf_dir, Path(tmp) / "hf", dtype=None if dtype == "auto" else dtype)
+            summary = convert_hf_to_megatron(
+                Path(tmp) / "hf", out_dir, tp, pp, mod_config, dtype, overwrite, max_seq_len,
+                seed, progress, explicit_mod_fields,
+            )  # fmt: skip
+        summary.source = str(hf_dir)
+        summary.notes.insert(0, f"GGUF {hf_dir.name} dequantized with transformers' loader")
+        return summary
+    return _convert_hf_dir(
+        hf_dir, out_dir, tp, pp, mod_config, dtype, max_seq_len, seed, progress,
+        explicit_mod_fields,
+    )  # fmt: skip
+
+
+def _convert_hf_dir(
+    hf_dir: Path,
+    out_dir: Path,
+    tp: int,
+    pp: int,
+    mod_config: MoDConfig | None,
+    dtype: str,
+    max_seq_len: int | None,
+    seed: int,
+    progress: bool,
+    explicit_mod_fields: Collection[str] | None,
+) -> ConversionSummary:
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
     from megatron_mod import platform
 
     start = time.time()
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    check_output_dir(out_dir, overwrite)
     hf_config = _read_json(hf_dir / "config.json")
+    kept_mod = {}
+    source_mod = source_mod_config(hf_config)
+    if mod_config is not None and source_mod:
+        explicit = set(explicit_mod_fields or ())
+        kept_mod = {k: v for k, v in source_mod.items() if k not in explicit}
+        try:
+            mod_config = dataclasses.replace(mod_config, **kept_mod)
+        except ValueError as err:
+            raise ConversionError(f"{hf_dir / 'config.json'}: MoD settings: {err}") from err
     reader = HFCheckpointReader(hf_dir)
     store_dtype = None if dtype == "auto" else dtype_from_name(dtype)
     metadata = hf_config_to_metadata(
@@ -568,17 +808,16 @@ def convert_hf_to_megatron(
     )
     dims = metadata.dims()
     routed = metadata.routed_layers()
-    source_routers, source_dtype = _validate_hf_tensors(
-        reader, dims, bool(hf_config.get("tie_word_embeddings", False)), routed
-    )
+    source_routers, source_dtype, notes = _validate_hf_tensors(reader, dims, routed)
     if store_dtype is None:
-        store_dtype = source_dtype or torch.float32
+        store_dtype = source_dtype
     metadata.params_dtype = dtype_name(store_dtype)
     summary = ConversionSummary("HF -> Megatron", str(hf_dir), str(out_dir))
-    if hf_config.get("tie_word_embeddings"):
-        summary.notes.append(
-            "tied embeddings untied: output_layer starts as a copy of embed_tokens"
-        )
+    summary.notes += notes
+    if kept_mod:
+        summary.notes.append(f"MoD settings kept from the source llama_mod config: {kept_mod}")
+    if dims.tied:
+        summary.notes.append("tied embeddings kept tied (share_embeddings_and_output_weights)")
     imported_routers = sorted(source_routers & set(routed))
     if imported_routers:
         summary.notes.append(f"router weights of layers {imported_routers} taken from the source")
@@ -734,14 +973,37 @@ class _StreamingSafetensorsWriter:
             (self.out_dir / "model.safetensors.index.json").write_text(text)
 
 
+# Keys the export sets itself (or drops) rather than copying from the source config.
+_EXPORT_DROPPED = {
+    "_name_or_path", "transformers_version", "auto_map", "_commit_hash", "torch_dtype", "dtype",
+    "rope_parameters", "rope_scaling", "rope_theta", "attention_qkv_bias",
+}  # fmt: skip
+_WINDOW_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
+
+
 def _hf_config_dict(
     metadata: CheckpointMetadata, dims: LlamaDims, dtype: torch.dtype, mod: MoDConfig | None
 ) -> dict[str, Any]:
-    """config.json of the export: the source HF config when known, updated from the checkpoint."""
+    """config.json of the export: the source config's ids and names, the checkpoint's model.
+
+    RoPE is written as ``rope_theta`` + ``rope_scaling``, which transformers 4 reads directly
+    and transformers 5 converts to its ``rope_parameters``. A dense export keeps the source's
+    architecture (LLaMA, Mistral, Qwen2); a MoD export is ``llama_mod``.
+    """
     import transformers
 
-    cfg = transformers.LlamaConfig(**(metadata.hf_config or {})).to_dict()
+    source = dict(metadata.hf_config or {})
     tc = metadata.transformer_config(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    cfg = {k: v for k, v in source.items() if k not in _EXPORT_DROPPED and not k.startswith("mod_")}
+    rope_scaling = None
+    if getattr(tc, "rope_scaling", False):
+        rope_scaling = {
+            "rope_type": "llama3",
+            "factor": float(tc.rope_scaling_factor),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
     cfg.update(
         hidden_size=dims.hidden_size,
         intermediate_size=dims.ffn_hidden_size,
@@ -752,29 +1014,39 @@ def _hf_config_dict(
         vocab_size=dims.vocab_size,
         rms_norm_eps=tc.layernorm_epsilon,
         rope_theta=float(getattr(tc, "rotary_base", 10000.0)),
-        max_position_embeddings=int(
-            (metadata.hf_config or {}).get("max_position_embeddings", metadata.max_seq_len)
-        ),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(source.get("max_position_embeddings", metadata.max_seq_len)),
         hidden_act="silu",
-        tie_word_embeddings=False,
-        rope_scaling=None,
+        tie_word_embeddings=dims.tied,
         attention_bias=False,
         mlp_bias=False,
     )
-    for key in ("_name_or_path", "transformers_version", "auto_map", "_commit_hash"):
-        cfg.pop(key, None)
-    # transformers >= 4.56 calls it "dtype", older versions "torch_dtype": keep the installed name.
-    dtype_key = "dtype" if "dtype" in cfg else "torch_dtype"
-    cfg.pop("torch_dtype", None)
-    cfg[dtype_key] = dtype_name(dtype)
-    cfg = {k: v for k, v in cfg.items() if not k.startswith("mod_")}
+    # transformers >= 4.56 calls it "dtype", older versions "torch_dtype": the installed name.
+    major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    cfg["dtype" if major_minor >= (4, 56) else "torch_dtype"] = dtype_name(dtype)
+    archs = source.get("architectures") or ["LlamaForCausalLM"]
+    family = next((FAMILIES[a][0] for a in archs if a in FAMILIES), "llama")
     if mod is None:
-        cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+        if family == "llama_mod":  # a dense export of a MoD model is a plain LLaMA
+            family = "llama"
+        if family == "llama":
+            for key in _WINDOW_KEYS:
+                cfg.pop(key, None)
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(
+            family, "Qwen2ForCausalLM"
+        )
+        cfg.update(model_type=family, architectures=[arch])
+        if family == "qwen2":
+            cfg.pop("attention_bias", None)
+            cfg.pop("mlp_bias", None)
     else:
+        for key in _WINDOW_KEYS:
+            cfg.pop(key, None)
         cfg.update(
             model_type="llama_mod",
             architectures=["LlamaModForCausalLM"],
             auto_map=dict(MOD_AUTO_MAP),
+            attention_qkv_bias=dims.qkv_bias,
             mod_routing=mod.routing,
             mod_threshold=mod.threshold,
             mod_capacity=mod.capacity,

@@ -10,6 +10,8 @@ megatron-core (local spec, global layer i)    Hugging Face ``LlamaForCausalLM``
 ``decoder.layers.i.input_layernorm.weight``   ``model.layers.i.input_layernorm.weight``
 ``decoder.layers.i.self_attention.            ``model.layers.i.self_attn.{q,k,v}_proj.weight``
 linear_qkv.weight``                           (fused per query group, see :func:`fuse_qkv`)
+``decoder.layers.i.self_attention.            ``model.layers.i.self_attn.{q,k,v}_proj.bias``
+linear_qkv.bias`` (Qwen2 only)                (fused like the weight)
 ``decoder.layers.i.self_attention.            ``model.layers.i.self_attn.o_proj.weight``
 linear_proj.weight``
 ``decoder.layers.i.pre_mlp_layernorm.weight`` ``model.layers.i.post_attention_layernorm.weight``
@@ -18,7 +20,7 @@ linear_proj.weight``
 ``decoder.layers.i.mlp.linear_fc2.weight``    ``model.layers.i.mlp.down_proj.weight``
 ``decoder.layers.i.router.{weight,bias}``     ``model.layers.i.router.{weight,bias}`` (MoD only)
 ``decoder.final_layernorm.weight``            ``model.norm.weight``
-``output_layer.weight``                       ``lm_head.weight`` (rows padded)
+``output_layer.weight``                       ``lm_head.weight`` (rows padded; absent when tied)
 ============================================  ==================================================
 
 With the Transformer Engine spec the two pre-norms are fused into the following linear layers
@@ -123,6 +125,10 @@ class LlamaDims:
         ffn_hidden_size: SwiGLU inner width.
         vocab_size: true vocabulary size (HF side).
         padded_vocab_size: megatron-side rows of the embedding / output layer.
+        qkv_bias: q/k/v projections carry biases (Qwen2 / Qwen2.5; megatron ``add_qkv_bias``).
+        tied: input embedding and output layer are one matrix (``tie_word_embeddings``;
+            megatron ``share_embeddings_and_output_weights``): no ``output_layer.weight`` /
+            ``lm_head.weight``.
     """
 
     num_layers: int
@@ -133,6 +139,8 @@ class LlamaDims:
     ffn_hidden_size: int
     vocab_size: int
     padded_vocab_size: int
+    qkv_bias: bool = False
+    tied: bool = False
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_query_groups != 0:
@@ -172,6 +180,8 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: LlamaDims)
     Returns:
         [(heads + 2 * groups) * head_dim, hidden].
     """
+    if q.dim() == 1:  # biases [rows]: the same row layout
+        return fuse_qkv(q[:, None], k[:, None], v[:, None], dims)[:, 0]
     groups, hd, hidden = dims.num_query_groups, dims.head_dim, q.shape[-1]
     q = q.reshape(groups, dims.heads_per_group * hd, hidden)
     k = k.reshape(groups, hd, hidden)
@@ -182,7 +192,9 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: LlamaDims)
 def split_qkv(
     qkv: torch.Tensor, dims: LlamaDims
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`fuse_qkv`: fused weight -> (q, k, v) in HF layout."""
+    """Inverse of :func:`fuse_qkv`: fused weight (or bias) -> (q, k, v) in HF layout."""
+    if qkv.dim() == 1:
+        return tuple(t[:, 0] for t in split_qkv(qkv[:, None], dims))
     groups, hd, hidden = dims.num_query_groups, dims.head_dim, qkv.shape[-1]
     per_group = qkv.reshape(groups, (dims.heads_per_group + 2) * hd, hidden)
     q, k, v = torch.split(per_group, [dims.heads_per_group * hd, hd, hd], dim=1)
@@ -304,6 +316,19 @@ def layer_param_mappings(dims: LlamaDims, i: int, routed: bool) -> list[ParamMap
             lambda t: fuse_qkv(*t, dims),
             lambda t: split_qkv(t, dims),
         ),
+    ]
+    if dims.qkv_bias:
+        out.append(
+            ParamMapping(
+                m + "self_attention.linear_qkv.bias",
+                tuple(hf + f"self_attn.{p}_proj.bias" for p in "qkv"),
+                (dims.qkv_rows,),
+                ((q_rows,), (kv_rows,), (kv_rows,)),
+                lambda t: fuse_qkv(*t, dims),
+                lambda t: split_qkv(t, dims),
+            )
+        )
+    out += [
         _identity(
             m + "self_attention.linear_proj.weight", hf + "self_attn.o_proj.weight", (h, q_rows)
         ),
@@ -337,10 +362,11 @@ def param_mappings(dims: LlamaDims, routed_layers: Sequence[int] = ()) -> list[P
     out = [_vocab("embedding.word_embeddings.weight", "model.embed_tokens.weight", dims)]
     for i in range(dims.num_layers):
         out += layer_param_mappings(dims, i, i in routed)
-    out += [
-        _identity("decoder.final_layernorm.weight", "model.norm.weight", (dims.hidden_size,)),
-        _vocab("output_layer.weight", "lm_head.weight", dims),
-    ]
+    out.append(
+        _identity("decoder.final_layernorm.weight", "model.norm.weight", (dims.hidden_size,))
+    )
+    if not dims.tied:
+        out.append(_vocab("output_layer.weight", "lm_head.weight", dims))
     return out
 
 
@@ -381,7 +407,9 @@ def tp_shard(name: str, tensor: torch.Tensor, tp: int, rank: int, dims: LlamaDim
         # Each rank holds its slice of gate followed by its slice of up.
         gate, up = split_gate_up(tensor)
         return torch.cat([gate.chunk(tp, 0)[rank], up.chunk(tp, 0)[rank]], dim=0)
-    if name.endswith(("linear_qkv.weight", "word_embeddings.weight", "output_layer.weight")):
+    if name.endswith(
+        ("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight", "output_layer.weight")
+    ):
         # Column-parallel: rows split. QKV rows are grouped, so each rank gets whole groups.
         return tensor.chunk(tp, 0)[rank]
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):

@@ -344,6 +344,12 @@ class LlamaModDecoderLayer(LlamaDecoderLayer):
         super().__init__(config, layer_idx)
         self.layer_idx = layer_idx
         self.routed = routed
+        if getattr(config, "attention_qkv_bias", False) and not config.attention_bias:
+            # Qwen2-style attention: biases on q/k/v only.
+            attn = self.self_attn
+            for name in ("q_proj", "k_proj", "v_proj"):
+                old = getattr(attn, name)
+                setattr(attn, name, nn.Linear(old.in_features, old.out_features, bias=True))
         if routed:
             self.router = LlamaModRouter(config.hidden_size)
 

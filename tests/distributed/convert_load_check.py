@@ -9,8 +9,8 @@ to ``{out}/{name}.pt`` (written by the rank holding TP rank 0 of the last stage)
 this run's TP/PP: a checkpoint whose tensors are stored as per-rank chunks, as training writes it.
 
 Usage: torchrun --nproc_per_node=N convert_load_check.py --tp T --pp P --hf-dir HF
-           --ckpt NAME=DIR [--ckpt NAME=DIR ...] --tokens TOKENS.pt --out OUTDIR
-           [--save NAME=DIR]
+           --ckpt NAME=DIR [--ckpt NAME=DIR ...] [--hf NAME=HF_DIR ...] --tokens TOKENS.pt
+           --out OUTDIR [--save NAME=DIR]
 """
 
 from __future__ import annotations
@@ -45,11 +45,14 @@ def _check_weights(model, metadata, hf_dir: str, routers: dict) -> int:
         if ".router." in name:
             full = routers[name]
         else:
+            if name == "output_layer.weight" and dims.tied:
+                # A tied model's last PP stage holds a copy of the input embedding.
+                name = "embedding.word_embeddings.weight"
             mapping = mappings[name]
             hf = reader.get(mapping.hf_names)
             full = mapping.to_megatron([hf[n] for n in mapping.hf_names])
         expected = tp_shard(name, full, tp, rank, dims)
-        if not torch.equal(param.detach(), expected.to(param.dtype)):
+        if not torch.equal(param.detach(), expected.to(param.device, param.dtype)):
             raise AssertionError(f"{name}: TP rank {rank} slice differs from tp_shard(HF)")
         checked += 1
     return checked
@@ -59,10 +62,14 @@ def _forward(model, tokens: torch.Tensor) -> torch.Tensor | None:
     """One forward pass through the pipeline; logits on the last stage, else None."""
     from megatron.core import parallel_state
 
+    from megatron_mod import platform
+
+    device = platform.device()
+    tokens = tokens.to(device)
     batch, seq = tokens.shape
-    positions = torch.arange(seq)[None].expand(batch, -1)
+    positions = torch.arange(seq, device=device)[None].expand(batch, -1)
     if not parallel_state.is_pipeline_first_stage():
-        hidden = torch.empty(seq, batch, model.config.hidden_size)
+        hidden = torch.empty(seq, batch, model.config.hidden_size, device=device)
         torch.distributed.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
         model.set_input_tensor(hidden)
     out = model(tokens, positions, None, runtime_gather_output=True)
@@ -78,13 +85,15 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tp", type=int, required=True)
     p.add_argument("--pp", type=int, required=True)
-    p.add_argument("--hf-dir", required=True)
+    p.add_argument("--hf-dir", default=None, help="HF source of every --ckpt without --hf")
+    p.add_argument("--hf", action="append", default=[], help="NAME=DIR: HF source of one ckpt")
     p.add_argument("--ckpt", action="append", required=True, help="NAME=DIR")
     p.add_argument("--tokens", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--save", action="append", default=[], help="NAME=DIR: re-save under TP/PP")
     args = p.parse_args()
     save_to = dict(spec.split("=", 1) for spec in args.save)
+    hf_dirs = dict(spec.split("=", 1) for spec in args.hf)
 
     from megatron.core import parallel_state
 
@@ -108,7 +117,7 @@ def main() -> None:
         router_items = {n: v for n, v in model_sharded_state_dict(model).items() if ".router." in n}
         stored = read_checkpoint_tensors(resolve_iteration_dir(ckpt), router_items)
         routers = {router_items[n].key: t for n, t in stored.items()}
-        checked = _check_weights(model, metadata, args.hf_dir, routers)
+        checked = _check_weights(model, metadata, hf_dirs.get(name, args.hf_dir), routers)
         with torch.no_grad():
             logits = _forward(model, tokens)
         kept = {
