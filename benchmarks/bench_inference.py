@@ -576,7 +576,7 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
 
     panels = [
         ("prefill_speedup", "ideal_prefill", "prefill speed-up (dense / MoD)"),
-        ("decode_speedup", "ideal_decode", "decode speed-up (dense / MoD)"),
+        ("decode_speedup", "ideal_decode_weights", "decode speed-up (dense / MoD)"),
         ("kv_alloc_ratio", "ideal_kv", "KV cache: dense bytes / MoD allocated"),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -611,7 +611,10 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
         ax.set_xlabel("context (tokens)")
         ax.set_title(label, fontsize=10)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{title}   (dotted: ideal 1 / c_eff)", fontsize=10)
+    fig.suptitle(
+        f"{title}\n(dotted: ideal 1 / c_eff; decode: from weight reads incl. the LM head)",
+        fontsize=10,
+    )
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -704,8 +707,60 @@ def main(argv: list[str] | None = None) -> int:
     schedule = [("dense", i, d) for i, d in enumerate(dense_models)]
     schedule += [("mod", vi, v) for vi, v in enumerate(variants)]
     dense_index = {id(d): i for i, d in enumerate(dense_models)}
+    from megatron_mod.atomic import write_text_atomic
+
+    out_dir = Path(args.out_dir)
+    stem = f"bench_inference_{model_name}_{tag}"
     load_start = _loadavg()
     runs: dict[tuple, list[Run]] = {}
+
+    def report(rounds_done: int, final: bool) -> None:
+        """Rows from the rounds done so far: written after every round, so that a long run
+        stopped early still leaves its results."""
+        rows = []
+        for ctx in args.contexts:
+            for batch in args.batches:
+                for vi, v in enumerate(variants):
+                    dense_runs = runs[(ctx, batch, "dense", dense_index[id(v.dense)])]
+                    mod_runs = runs[(ctx, batch, "mod", vi)]
+                    rows.append(
+                        summarize(
+                            v, ctx, batch, dense_runs, mod_runs, weights, head_fraction(v.mod)
+                        )
+                    )
+        result = {
+            "benchmark": "bench_inference",
+            "model": model_name,
+            "device": info,
+            "dtype": str(dtype).replace("torch.", ""),
+            "settings": {
+                k: v for k, v in vars(args).items() if k not in ("out_dir", "no_plot", "gguf")
+            },
+            "rounds_completed": rounds_done,
+            "routed_layers": mod.config.mod_routed_layers,
+            "num_layers": dense.config.num_hidden_layers,
+            "weights_bytes": weights,
+            "load_average_start": load_start,
+            "load_average_end": _loadavg(),
+            "rows": rows,
+            "total_runtime_s": round(time.perf_counter() - t_start, 1),
+        }
+        title = (
+            f"{model_name} on {device_name} ({info['torch_threads']} threads), "
+            f"{result['dtype']}, {args.new_tokens} new tokens"
+        )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / f"{stem}.json", json.dumps(result, indent=1) + "\n")
+        if not args.no_plot:
+            plot(rows, title, out_dir / f"{stem}.png")
+        if final:
+            print(f"\n## {title}\n")
+            print(markdown_table(rows))
+            print(f"\nload average start/end: {load_start} {result['load_average_end']}")
+            print(f"wrote {out_dir / f'{stem}.json'}")
+            if not args.no_plot:
+                print(f"wrote {out_dir / f'{stem}.png'}")
+
     for rnd in range(args.rounds):
         for ctx in args.contexts:
             for batch in args.batches:
@@ -726,49 +781,7 @@ def main(argv: list[str] | None = None) -> int:
                         file=sys.stderr,
                         flush=True,
                     )
-    rows = []
-    for ctx in args.contexts:
-        for batch in args.batches:
-            for vi, v in enumerate(variants):
-                dense_runs = runs[(ctx, batch, "dense", dense_index[id(v.dense)])]
-                mod_runs = runs[(ctx, batch, "mod", vi)]
-                rows.append(
-                    summarize(v, ctx, batch, dense_runs, mod_runs, weights, head_fraction(v.mod))
-                )
-    result = {
-        "benchmark": "bench_inference",
-        "model": model_name,
-        "device": info,
-        "dtype": str(dtype).replace("torch.", ""),
-        "settings": {
-            k: v for k, v in vars(args).items() if k not in ("out_dir", "no_plot", "gguf")
-        },
-        "routed_layers": mod.config.mod_routed_layers,
-        "num_layers": dense.config.num_hidden_layers,
-        "weights_bytes": weights,
-        "load_average_start": load_start,
-        "load_average_end": _loadavg(),
-        "rows": rows,
-        "total_runtime_s": round(time.perf_counter() - t_start, 1),
-    }
-    title = (
-        f"{model_name} on {device_name} ({info['torch_threads']} threads), "
-        f"{result['dtype']}, {args.new_tokens} new tokens"
-    )
-    print(f"\n## {title}\n")
-    print(markdown_table(rows))
-    print(f"\nload average start/end: {result['load_average_start']} {result['load_average_end']}")
-
-    from megatron_mod.atomic import write_text_atomic
-
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_inference_{model_name}_{tag}"
-    write_text_atomic(out_dir / f"{stem}.json", json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out_dir / f'{stem}.json'}")
-    if not args.no_plot:
-        plot(rows, title, out_dir / f"{stem}.png")
-        print(f"wrote {out_dir / f'{stem}.png'}")
+        report(rnd + 1, final=rnd + 1 == args.rounds)
     return 0
 
 
