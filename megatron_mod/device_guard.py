@@ -90,10 +90,8 @@ _COLLECTIVES = (
     "reduce",
     "all_to_all",
     "all_to_all_single",
-    "send",
-    "recv",
-    "isend",
-    "irecv",
+    # isend/irecv stay unwrapped: P2POp checks their identity; their tensors are checked here.
+    "batch_isend_irecv",
 )
 
 
@@ -246,7 +244,9 @@ def _guard_collective(name: str, collective):
     def guarded(*args, **kwargs):
         group = kwargs.get("group")
         if _ACTIVE and (group is None or all(group is not g for g in _gloo_groups())):
-            for t in tree_flatten((args, kwargs))[0]:
+            leaves = tree_flatten((args, kwargs))[0]
+            leaves += [getattr(op, "tensor", None) for op in leaves if hasattr(op, "tensor")]
+            for t in leaves:
                 if isinstance(t, torch.Tensor) and _placement(t) == _HOST:
                     raise HostTensorError(
                         f"torch.distributed.{name} got {_describe(t)}; NCCL (the GPU backend) "

@@ -24,11 +24,16 @@ def free_port() -> int:
 def subprocess_env(threads: int = 1) -> dict[str, str]:
     """This process's environment minus torch.distributed variables, with the repo importable.
 
+    The device guard is on unless ``MEGATRON_MOD_DEVICE_GUARD`` is set otherwise.
+
     The repo goes first on ``PYTHONPATH``; entries already there are kept (e.g. a source tree of
     another megatron-core version to test against).
     """
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     path = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    # Tools and multi-rank scripts run under the device guard (megatron_mod.device_guard): a host
+    # tensor where a GPU run needs the compute device fails the test, as CUDA would.
+    env.setdefault("MEGATRON_MOD_DEVICE_GUARD", "1")
     return dict(env, OMP_NUM_THREADS=str(threads), PYTHONPATH=path)
 
 

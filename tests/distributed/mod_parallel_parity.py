@@ -49,8 +49,11 @@ def _build(tp: int, pp: int, sp: bool):
 
 
 def _batches():
+    from megatron_mod import platform
+
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, VOCAB, (NUM_MICROBATCHES, MICRO_BATCH, SEQ + 1), generator=gen)
+    tokens = tokens.to(platform.device())
     return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
 
 
@@ -78,8 +81,10 @@ def _grad_norm(model) -> float:
     """Global L2 norm of the gradients, each parameter counted once across TP/PP."""
     from megatron.core import parallel_state
 
+    from megatron_mod import platform
+
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    total = torch.zeros(1)
+    total = torch.zeros(1, device=platform.device())
     for param in model.parameters():
         if param.grad is None:
             continue
@@ -105,7 +110,7 @@ def run(ckpt: str, out: str, tp: int, pp: int, sp: bool) -> None:
     model.train()
 
     batches = iter(_batches())
-    positions = torch.arange(SEQ)[None].expand(MICRO_BATCH, -1)
+    positions = torch.arange(SEQ, device=platform.device())[None].expand(MICRO_BATCH, -1)
 
     def loss_func(loss_mask, output):
         loss = (output * loss_mask).sum() / loss_mask.sum()
@@ -136,12 +141,12 @@ def run(ckpt: str, out: str, tp: int, pp: int, sp: bool) -> None:
                     param.grad, group=parallel_state.get_tensor_model_parallel_group()
                 )
 
-    lm_loss = torch.zeros(1)
+    lm_loss = torch.zeros(1, device=platform.device())
     if parallel_state.is_pipeline_last_stage():
         lm_loss += sum(float(x["lm loss"]) for x in losses) / len(losses)
     torch.distributed.all_reduce(lm_loss, group=parallel_state.get_pipeline_model_parallel_group())
     stats = tracker.summary(NUM_LAYERS, groups=[parallel_state.get_pipeline_model_parallel_group()])
-    router_grads = torch.zeros(NUM_LAYERS, 2)
+    router_grads = torch.zeros(NUM_LAYERS, 2, device=platform.device())
     if parallel_state.get_tensor_model_parallel_rank() == 0:
         for layer in model.decoder.layers:
             router = layer.router
