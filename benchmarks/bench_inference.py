@@ -602,17 +602,23 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
                     linestyle="-" if bi == 0 else "--",
                     label=f"{v}, batch {b}",
                 )
-                if bi == 0:
-                    ax.plot(
-                        xs, [r[ideal] or float("nan") for r in sel], ":", color=color, alpha=0.6
-                    )
+                ax.plot(
+                    xs,
+                    [r[ideal] or float("nan") for r in sel],
+                    ":" if bi == 0 else "-.",
+                    color=color,
+                    alpha=0.5,
+                )
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xscale("log", base=2)
+        contexts = sorted({r["context"] for r in rows})
+        ax.set_xticks(contexts, [str(c) for c in contexts])
         ax.set_xlabel("context (tokens)")
         ax.set_title(label, fontsize=10)
     axes[0].legend(fontsize=7)
     fig.suptitle(
-        f"{title}\n(dotted: ideal 1 / c_eff; decode: from weight reads incl. the LM head)",
+        f"{title}\n(dotted / dash-dotted: ideal for batch {batches[0]} / larger batches; "
+        "decode ideal from weight reads incl. the LM head)",
         fontsize=10,
     )
     fig.tight_layout()
