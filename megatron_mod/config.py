@@ -17,7 +17,7 @@ def _fail(name: str, value, allowed: str) -> None:
 
 @dataclass
 class MoDConfig:
-    """How tokens are routed around transformer layers (MoDification, DESIGN.md §1)."""
+    """How tokens are routed around transformer layers (MoDification; docs/design.md)."""
 
     routing: str = "threshold"
     """`threshold`: keep a token iff sigmoid(router logit) >= threshold; `topk`: keep ceil(c*S)."""
@@ -158,7 +158,7 @@ class MoDConfig:
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
-        """Add the ``--mod-*`` flags (DESIGN.md §8) to an argparse parser."""
+        """Add the ``--mod-*`` flags to an argparse parser."""
         g = parser.add_argument_group("Mixture-of-Depths")
         g.add_argument("--mod-routing", choices=ROUTING_CHOICES, default="threshold")
         g.add_argument("--mod-threshold", type=float, default=0.5, help="p in [0, 1]")

@@ -2,7 +2,7 @@
 
 It subclasses ``TransformerLayer`` so that its parameter names (and checkpoints) are those of the
 dense layer plus ``router.weight`` / ``router.bias``: a dense checkpoint loads into a MoD model and
-the HF mapping needs no special case. Forward (DESIGN.md §2):
+the HF mapping needs no special case. Forward (docs/design.md, "The routed layer"):
 
 1. router logits on the local tokens (the SP shard under sequence parallelism), then gathered;
 2. threshold-p or top-k selection on the full sequence (identical on every TP rank);

@@ -1,4 +1,4 @@
-"""An independent pure-torch MoD layer, written from the method's definition (DESIGN.md §1–2).
+"""An independent pure-torch MoD layer, written from the method's definition (docs/design.md).
 
 It shares no code with megatron_mod or megatron-core's layer: it reads the weights of a
 megatron TransformerLayer and recomputes RMSNorm, GQA attention with rotate-half RoPE at the

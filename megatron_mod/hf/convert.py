@@ -149,7 +149,8 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
         return iterable
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="part")
+    # disable=None: no bar when stderr is not a terminal (logs redirected to a file stay readable)
+    return tqdm(iterable, total=total, desc=desc, unit="part", disable=None)
 
 
 def _peak_rss_bytes() -> int:
