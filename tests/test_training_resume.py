@@ -1,0 +1,302 @@
+"""Long runs survive: periodic checkpoints, exact resume, preemption and the NaN guard.
+
+A tiny converted LLaMA (every layer routed, about half the tokens kept) is trained with
+``tools/pretrain_mod.py --save-interval 2``. Each test interrupts a run in a way a cluster does
+(kill -9 after a checkpoint or in the middle of writing one, SIGTERM, a NaN) and re-runs the
+identical command: the continued run must log the same per-step LM loss, load loss, gradient
+norm, learning rate and kept fractions as the uninterrupted run, bit for bit (the same layout on
+CPU is deterministic), also under torchrun (DP 2, TP 2, distributed optimizer). A checkpoint
+saved under one layout resumes under another within fp32 reduction-order tolerance.
+
+The reference and every torchrun run use the device guard (``MEGATRON_MOD_DEVICE_GUARD=1``): a
+batch, loss mask or reduction buffer left on the host fails the run as it would on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.subprocess_utils import REPO, free_port, subprocess_env
+
+STEPS = 6
+COMMON = [
+    "--split", "95,5,0", "--seq-length", "64", "--micro-batch-size", "2",
+    "--global-batch-size", "8", "--train-iters", str(STEPS), "--lr", "1e-3", "--min-lr", "1e-4",
+    "--lr-warmup-iters", "1", "--eval-iters", "1", "--log-interval", "1", "--save-interval", "2",
+]  # fmt: skip
+METRICS = ("lm_loss", "load_loss", "grad_norm", "lr", "kept_fraction")
+FAULTS = REPO / "tests" / "distributed" / "train_faults.py"
+
+pytestmark = pytest.mark.slow
+
+
+def _env(guard: bool = True) -> dict[str, str]:
+    return dict(subprocess_env(), MEGATRON_MOD_DEVICE_GUARD="1" if guard else "0")
+
+
+def _command(work: Path, save: str, nproc: int = 1, flags=(), script=None, fault=()) -> list:
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += [
+            "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+        ]  # fmt: skip
+    script = script or REPO / "tools" / "pretrain_mod.py"
+    return [
+        *launcher, str(script), *fault,
+        "--load", str(work / "ckpt"), "--save", str(work / save),
+        "--data-path", "1.0", str(work / "data" / "stdlib_text_document"),
+        *COMMON, *flags,
+    ]  # fmt: skip
+
+
+class _Proc:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _start(cmd: list, out: Path) -> subprocess.Popen:
+    """Start ``cmd`` in its own session, output to files (a killed trainer's helpers may outlive
+    it, e.g. megatron-core's checkpoint-writer manager, and would hold a pipe open)."""
+    # The device guard slows each step several-fold: the reference and the torchrun runs use it.
+    guard = "--nproc_per_node=2" in " ".join(map(str, cmd)) or out.stem == "ref"
+    with open(out.with_suffix(".out"), "w") as stdout, open(out.with_suffix(".err"), "w") as err:
+        return subprocess.Popen(
+            cmd, env=_env(guard), stdout=stdout, stderr=err, text=True, start_new_session=True
+        )
+
+
+def _finish(proc: subprocess.Popen, out: Path, timeout: int = 600) -> _Proc:
+    """Wait for ``proc``, then end whatever it left in its session (as a job scheduler does)."""
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return _Proc(
+        proc.returncode,
+        out.with_suffix(".out").read_text(),
+        out.with_suffix(".err").read_text(),
+    )
+
+
+def _run(cmd: list, summary: Path | None = None, expect_rc: int = 0, log: Path | None = None):
+    if summary is not None:
+        cmd = [*cmd, "--summary-json", str(summary)]
+    log = log or summary
+    assert log is not None, "name a log file"
+    proc = _finish(_start(cmd, log), log)
+    assert proc.returncode == expect_rc, (
+        f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
+        f"{proc.stdout[-3000:]}{proc.stderr[-5000:]}"
+    )
+    return proc
+
+
+def _steps(summary: Path) -> dict[int, dict]:
+    return {s["iteration"]: s for s in json.loads(summary.read_text())["step_metrics"]}
+
+
+def _assert_exact(resumed: dict[int, dict], reference: dict[int, dict]) -> None:
+    assert resumed, "the resumed run ran no step"
+    for it, step in resumed.items():
+        for key in METRICS:
+            assert step[key] == reference[it][key], (it, key, step[key], reference[it][key])
+
+
+def _latest(save: Path) -> str:
+    return (save / "latest").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Base model, data and a routed import."""
+    work = tmp_path_factory.mktemp("train_resume")
+    py = sys.executable
+    env = subprocess_env()
+    for cmd in (
+        [py, str(REPO / "examples/quickstart/make_base_model.py"), "--out", str(work), "--steps",
+         "5", "--layers", "4", "--hidden-size", "64", "--vocab-size", "600"],
+        [py, str(REPO / "tools/preprocess_data.py"), "--input", str(work / "corpus/train.jsonl"),
+         "--output-prefix", str(work / "data/stdlib"), "--tokenizer-type",
+         "HuggingFaceTokenizer", "--tokenizer-model", str(work / "base"), "--append-eod",
+         "--workers", "1", "--no-progress"],
+        [py, str(REPO / "tools/convert_hf_to_megatron.py"), "--hf-dir", str(work / "base"),
+         "--out-dir", str(work / "ckpt"), "--mod-routed-layers", "all", "--mod-threshold", "0.5",
+         "--mod-router-init-bias", "0", "--mod-router-init-std", "2.0"],
+    ):  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return work
+
+
+@pytest.fixture(scope="module")
+def reference(work):
+    """The uninterrupted single-process run, keeping the newest two checkpoints."""
+    _run(_command(work, "ref", flags=["--keep-last", "2"]), work / "ref.json")
+    return _steps(work / "ref.json")
+
+
+def test_reference_keeps_the_newest_checkpoints(work, reference):
+    save = work / "ref"
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000004", "iter_0000006"]
+    assert _latest(save) == "iter_0000006"
+    state = json.loads((save / "iter_0000006" / "train_state.json").read_text())
+    assert state["iteration"] == 6 and state["consumed_samples"] == 6 * 8
+    assert state["scheduler"]["num_steps"] == 6
+    assert sorted(reference) == list(range(1, STEPS + 1))
+    assert not any(s["skipped"] for s in reference.values())
+
+
+def test_kill_mid_save_and_after_a_checkpoint_then_same_command_resumes_exactly(work, reference):
+    save = work / "killed"
+    cmd = _command(work, save.name)
+    # 1. SIGKILL after iteration 4's files are written, before the rename and `latest`.
+    fault = ["--fault", "kill-mid-save", "--fault-iter", "4", "--"]
+    _run(
+        _command(work, save.name, script=FAULTS, fault=fault),
+        expect_rc=-signal.SIGKILL,
+        log=work / "killed_1.log",
+    )
+    assert _latest(save) == "iter_0000002"
+    assert (save / ".tmp_iter_0000004").is_dir() and not (save / "iter_0000004").exists()
+
+    # 2. The same command resumes from iteration 2 and is killed -9 right after checkpoint 4.
+    log = work / "killed_2.log"
+    proc = _start(cmd, log)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if "(iteration 4)" in log.with_suffix(".out").read_text():
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        out = _finish(proc, log).stdout
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    assert "removed what an interrupted save left" in out and ".tmp_iter_0000004" in out
+    assert f"resuming from {save / 'iter_0000002'}: iteration 2/{STEPS}" in out
+    assert f"iteration     3/{STEPS} | lm loss {reference[3]['lm_loss']:.4f}" in out
+    done = int(_latest(save).removeprefix("iter_"))
+    assert 4 <= done < STEPS and not (save / ".tmp_iter_0000004").exists()
+
+    # 3. Once more: it continues from the newest checkpoint, exactly as if never interrupted.
+    out = _run(cmd, work / "killed.json").stdout
+    assert f"resuming from {save / f'iter_{done:07d}'}: iteration {done}/{STEPS}" in out
+    resumed = _steps(work / "killed.json")
+    assert sorted(resumed) == list(range(done + 1, STEPS + 1))
+    _assert_exact(resumed, reference)
+
+
+def test_sigterm_saves_exits_zero_and_resumes_exactly(work, reference):
+    fault = ["--fault", "sigterm", "--fault-iter", "3", "--"]
+    flags = ["--exit-signal-handler"]
+    out = _run(
+        _command(work, "term", flags=flags, script=FAULTS, fault=fault), work / "term1.json"
+    ).stdout
+    assert "exiting after iteration 3 (SIGTERM)" in out
+    save = work / "term"
+    assert _latest(save) == "iter_0000003"
+    first = json.loads((work / "term1.json").read_text())
+    assert first["exited_early"] and first["last_iteration"] == 3
+    _assert_exact(_steps(work / "term1.json"), reference)
+
+    _run(_command(work, "term", flags=flags), work / "term2.json")
+    resumed = _steps(work / "term2.json")
+    assert sorted(resumed) == [4, 5, 6]
+    _assert_exact(resumed, reference)
+
+
+def test_nan_skip_skips_that_update_only(work, reference):
+    fault = ["--fault", "nan", "--fault-iter", "2", "--"]
+    out = _run(
+        _command(work, "nan_skip", flags=["--on-nan", "skip"], script=FAULTS, fault=fault),
+        work / "nan_skip.json",
+    ).stdout
+    steps = _steps(work / "nan_skip.json")
+    assert "skipped (non-finite)" in out
+    assert [it for it, s in steps.items() if s["skipped"]] == [2]
+    assert steps[2]["lm_loss"] != steps[2]["lm_loss"]  # NaN
+    _assert_exact({1: steps[1]}, reference)
+    # The skipped update left the weights, moments and schedule as after step 1: step 3 sees
+    # the same weights as the reference's step 2 (on other data), and the LR does not advance.
+    assert steps[3]["lr"] == reference[2]["lr"]
+    summary = json.loads((work / "nan_skip.json").read_text())
+    assert summary["skipped_iterations"] == 1
+
+
+def test_nan_stop_names_the_iteration(work):
+    fault = ["--fault", "nan", "--fault-iter", "2", "--"]
+    proc = _run(
+        _command(work, "nan_stop", script=FAULTS, fault=fault, flags=["--on-nan", "stop"]),
+        expect_rc=3,
+        log=work / "nan_stop.log",
+    )
+    assert "iteration 2: non-finite lm loss" in proc.stderr
+    assert not (work / "nan_stop" / "latest").exists()  # stopped before any checkpoint
+
+
+def test_changed_meaning_is_refused_before_any_heavy_work(work, reference):
+    start = time.perf_counter()
+    proc = _run(
+        _command(work, "ref", flags=["--lr", "2e-3"]), expect_rc=2, log=work / "refused.log"
+    )
+    assert "--lr: saved 0.001, now 0.002" in proc.stderr
+    assert "loaded" not in proc.stdout  # refused before the model or the data were built
+    assert time.perf_counter() - start < 60
+    assert _latest(work / "ref") == "iter_0000006"
+
+
+# ------------------------------------------------------------------------------ torchrun
+
+LAYOUTS = {
+    "dp2": [],
+    "tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    "dp2_distributed_optimizer": ["--use-distributed-optimizer"],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_torchrun_resume_is_exact(work, layout):
+    flags = LAYOUTS[layout]
+    save = work / f"run_{layout}"
+    _run(_command(work, save.name, nproc=2, flags=flags), work / f"{layout}_full.json")
+    full = _steps(work / f"{layout}_full.json")
+    # Back to iteration 2, as if the job had died after saving it.
+    (save / "latest").write_text("iter_0000002\n")
+    for it in (4, 6):
+        shutil.rmtree(save / f"iter_{it:07d}")
+    out = _run(_command(work, save.name, nproc=2, flags=flags), work / f"{layout}_resumed.json")
+    assert "resuming from" in out.stdout
+    resumed = _steps(work / f"{layout}_resumed.json")
+    assert sorted(resumed) == [3, 4, 5, 6]
+    _assert_exact(resumed, full)
+
+
+def test_resume_under_another_layout(work, reference):
+    """The single-process checkpoint of iteration 4 continues under TP 2 + SP."""
+    save = work / "relayout"
+    shutil.copytree(work / "ref", save)
+    (save / "latest").write_text("iter_0000004\n")
+    shutil.rmtree(save / "iter_0000006")
+    flags = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    out = _run(_command(work, save.name, nproc=2, flags=flags), work / "relayout.json").stdout
+    assert "resuming from" in out and "TP 2" in out
+    resumed = _steps(work / "relayout.json")
+    assert sorted(resumed) == [5, 6]
+    for it, step in resumed.items():
+        assert step["lm_loss"] == pytest.approx(reference[it]["lm_loss"], rel=1e-5)
+        assert step["load_loss"] == pytest.approx(reference[it]["load_loss"], rel=1e-5)
+        assert step["grad_norm"] == pytest.approx(reference[it]["grad_norm"], rel=1e-4)
+        assert step["lr"] == pytest.approx(reference[it]["lr"], rel=1e-6)
+        assert step["kept_fraction"] == pytest.approx(reference[it]["kept_fraction"], abs=1e-6)
