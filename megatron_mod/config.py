@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
+import inspect
+import textwrap
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 ROUTING_CHOICES = ("threshold", "topk")
@@ -156,47 +161,85 @@ class MoDConfig:
             }
         return cls(**data)
 
-    @staticmethod
-    def add_cli_args(parser: argparse.ArgumentParser) -> None:
-        """Add the ``--mod-*`` flags to an argparse parser."""
-        g = parser.add_argument_group("Mixture-of-Depths")
-        g.add_argument("--mod-routing", choices=ROUTING_CHOICES, default="threshold")
-        g.add_argument("--mod-threshold", type=float, default=0.5, help="p in [0, 1]")
-        g.add_argument("--mod-capacity", type=float, default=0.125, help="c in (0, 1], top-k")
-        g.add_argument("--mod-gate", choices=GATE_CHOICES, default="scale")
-        g.add_argument(
-            "--mod-routed-layers",
-            default="every_other",
-            help="all | every_other | comma list of 0-based layer indices",
-        )
-        g.add_argument("--mod-load-loss-coeff", type=float, default=0.01, help="alpha >= 0")
-        g.add_argument("--mod-router-init-bias", type=float, default=2.0)
-        g.add_argument("--mod-router-init-std", type=float, default=0.02)
-        g.add_argument(
-            "--mod-topk-decode-threshold",
-            type=float,
-            default=None,
-            help="top-k only: gate threshold for decoding one token at a time",
-        )
-        g.add_argument(
-            "--mod-compact-length-multiple",
-            type=int,
-            default=64,
-            help="round the kept-token length of each routed layer up to this (GEMM alignment)",
-        )
+    @classmethod
+    def add_cli_args(
+        cls,
+        parser: argparse.ArgumentParser,
+        fields: Iterable[str] | None = None,
+        with_defaults: bool = True,
+        title: str = "Mixture-of-Depths",
+    ) -> None:
+        """Add one ``--mod-<field>`` flag per field to an argparse parser.
+
+        Flags, types, choices and help texts come from the fields and their docstrings, so a
+        new field gets its flag with no further code.
+
+        Args:
+            parser: the parser to extend.
+            fields: which fields (default: every field that has a flag).
+            with_defaults: ``False`` gives every flag the default ``None`` ("not given"), for
+                tools that override a stored config only where a flag is passed.
+            title: the argument group's title.
+        """
+        group = parser.add_argument_group(title)
+        docs = _field_docstrings(cls)
+        names = list(fields) if fields is not None else cli_field_names(cls)
+        defaults = cls()
+        for name in names:
+            if name not in cli_field_names(cls):
+                raise ValueError(f"MoDConfig has no command-line field {name!r}")
+            default = getattr(defaults, name)
+            kwargs = {"help": docs.get(name, "")}
+            if name in _FIELD_CHOICES:
+                kwargs["choices"] = _FIELD_CHOICES[name]
+            else:
+                kwargs["type"] = _CLI_TYPES.get(name, type(default))
+            if with_defaults:
+                kwargs["help"] += f" (default: {default})"
+            group.add_argument(
+                f"--mod-{name.replace('_', '-')}",
+                dest=f"mod_{name}",
+                default=default if with_defaults else None,
+                **kwargs,
+            )
 
     @classmethod
-    def from_cli_args(cls, args: argparse.Namespace) -> MoDConfig:
-        """Build a config from the flags added by :meth:`add_cli_args`."""
-        return cls(
-            routing=args.mod_routing,
-            threshold=args.mod_threshold,
-            capacity=args.mod_capacity,
-            gate=args.mod_gate,
-            routed_layers=args.mod_routed_layers,
-            load_loss_coeff=args.mod_load_loss_coeff,
-            router_init_bias=args.mod_router_init_bias,
-            router_init_std=args.mod_router_init_std,
-            topk_decode_threshold=getattr(args, "mod_topk_decode_threshold", None),
-            compact_length_multiple=getattr(args, "mod_compact_length_multiple", 64),
-        )
+    def from_cli_args(cls, args: argparse.Namespace, base: MoDConfig | None = None) -> MoDConfig:
+        """A config from the ``--mod-*`` flags: ``base`` (default: the defaults) with every
+        flag that holds a value (not ``None``) applied."""
+        values = (base or cls()).to_dict()
+        for name in cli_field_names(cls):
+            value = getattr(args, f"mod_{name}", None)
+            if value is not None:
+                values[name] = value
+        return cls.from_dict(values)
+
+
+# The fields that have no command-line flag (structured values set in code or by training).
+_NOT_ON_CLI = ("load_loss_layer_coeffs",)
+_FIELD_CHOICES = {"routing": ROUTING_CHOICES, "gate": GATE_CHOICES}
+# Types argparse cannot read off the default value (None, or a str/list union).
+_CLI_TYPES = {"topk_decode_threshold": float, "routed_layers": str}
+
+
+def cli_field_names(cls=None) -> list[str]:
+    """Fields of ``MoDConfig`` (or a subclass) that have a ``--mod-*`` flag, in order."""
+    return [f.name for f in dataclasses.fields(cls or MoDConfig) if f.name not in _NOT_ON_CLI]
+
+
+@functools.cache
+def _field_docstrings(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the attribute-docstring convention)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split()).replace("%", "%%")
+    return docs

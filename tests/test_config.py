@@ -56,6 +56,59 @@ def test_dict_and_cli_round_trip():
         MoDConfig.from_cli_args(parser.parse_args(["--mod-threshold", "2"]))
 
 
+def test_cli_flags_are_derived_from_the_fields_and_their_docstrings():
+    import dataclasses
+
+    from megatron_mod.config import cli_field_names
+
+    parser = argparse.ArgumentParser()
+    MoDConfig.add_cli_args(parser)
+    flags = {a.dest: a for a in parser._actions if a.dest.startswith("mod_")}
+    fields = {f.name for f in dataclasses.fields(MoDConfig)}
+    assert set(cli_field_names()) == fields - {"load_loss_layer_coeffs"}
+    assert set(flags) == {f"mod_{name}" for name in cli_field_names()}
+    assert flags["mod_routing"].choices == ("threshold", "topk")
+    assert "fraction of each sequence kept" in flags["mod_capacity"].help
+    assert flags["mod_compact_length_multiple"].type is int
+    assert flags["mod_compact_length_multiple"].default == MoDConfig().compact_length_multiple
+
+    # A new field gets its flag, type and help with no further code.
+    @dataclasses.dataclass
+    class Extended(MoDConfig):
+        warmup_fraction: float = 0.25
+        """Fraction of training spent warming the routers up."""
+
+    parser = argparse.ArgumentParser()
+    Extended.add_cli_args(parser)
+    args = parser.parse_args(["--mod-warmup-fraction", "0.5"])
+    assert args.mod_warmup_fraction == 0.5
+    assert any("warming the routers" in (a.help or "") for a in parser._actions)
+
+
+def test_override_flags_default_to_not_given_and_apply_over_a_stored_config():
+    stored = MoDConfig(threshold=0.3, routed_layers=[1], gate="straight_through")
+    parser = argparse.ArgumentParser()
+    MoDConfig.add_cli_args(parser, fields=["threshold", "gate"], with_defaults=False)
+    assert MoDConfig.from_cli_args(parser.parse_args([]), base=stored) == stored
+    changed = MoDConfig.from_cli_args(parser.parse_args(["--mod-threshold", "0.6"]), base=stored)
+    assert changed == MoDConfig(threshold=0.6, routed_layers=[1], gate="straight_through")
+    with pytest.raises(ValueError, match="no command-line field"):
+        MoDConfig.add_cli_args(argparse.ArgumentParser(), fields=["load_loss_layer_coeffs"])
+
+
+def test_hf_configuration_constants_equal_the_cores():
+    """The exported configuration file must stand alone, so it repeats these; they must agree."""
+    from megatron_mod import config
+    from megatron_mod.hf import configuration_llama_mod as hf
+
+    assert hf.ROUTING_CHOICES == config.ROUTING_CHOICES
+    assert hf.GATE_CHOICES == config.GATE_CHOICES
+    defaults = hf.LlamaModConfig()
+    core = MoDConfig()
+    for name in ("routing", "threshold", "capacity", "gate", "topk_decode_threshold"):
+        assert getattr(defaults, f"mod_{name}") == getattr(core, name), name
+
+
 def test_llama_presets_and_parallel_divisibility():
     from megatron_mod.models import PRESETS, llama_config
 
