@@ -346,7 +346,8 @@ _MODEL_KEYS = {
 # Keys that never change a causal LM's forward pass (ids, dtypes, bookkeeping, training-only
 # dropout, HF's pretraining_tp which only splits the same matmuls).
 _NEUTRAL_KEYS = {
-    "_name_or_path", "_commit_hash", "auto_map", "transformers_version", "torch_dtype", "dtype",
+    "_name_or_path", "_model_name_or_path", "_commit_hash", "auto_map", "transformers_version",
+    "torch_dtype", "dtype", "unk_token_id",
     "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
     "use_cache", "initializer_range", "attention_dropout", "pretraining_tp", "tokenizer_class",
     "output_attentions", "output_hidden_states", "return_dict", "torchscript", "id2label",
