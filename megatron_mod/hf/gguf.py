@@ -14,6 +14,7 @@ directory is written under a temp name and renamed into place.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -80,9 +81,23 @@ def gguf_to_hf(
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        # Saved by hand: transformers 5 marks a GGUF-loaded model as quantized and refuses
+        # save_pretrained, although its tensors are plain dequantized floats.
+        from safetensors.torch import save_file
+
+        tmp.mkdir()
         config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        if not config.get("architectures"):  # save_pretrained would add it
+            config["architectures"] = [type(model).__name__]
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if config.get("tie_word_embeddings"):
+            state.pop("lm_head.weight", None)  # one matrix, as transformers saves tied models
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
