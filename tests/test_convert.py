@@ -50,6 +50,23 @@ def _save_tokenizer(out: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(out)
 
 
+def save_bin_shards(state: dict, out: Path, num_shards: int, key=None) -> list[str]:
+    """Write ``pytorch_model-*.bin`` shards and their index, as transformers 4 did (5 saves
+    safetensors only); tensor ``i`` (in ``key`` order) goes to shard ``i % num_shards``."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(state, key=key) if key else list(state)
+    files, weight_map = [], {}
+    for i in range(num_shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{num_shards:05d}.bin"
+        shard = names[i::num_shards]
+        torch.save({n: state[n].detach().clone() for n in shard}, out / file)
+        weight_map.update({n: file for n in shard})
+        files.append(file)
+    index = {"metadata": {}, "weight_map": weight_map}
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    return files
+
+
 def _make_hf(out: Path, seed=0, max_shard_size="60KB", **overrides):
     from transformers import LlamaForCausalLM
 
@@ -280,7 +297,8 @@ def test_pytorch_bin_checkpoint_imports_with_weights_only_load(work, tmp_path, m
     from megatron_mod.hf.convert import convert_hf_to_megatron
 
     src = tmp_path / "hf_bin"
-    work["hf"].save_pretrained(src, safe_serialization=False, max_shard_size="60KB")
+    work["hf"].config.save_pretrained(src)
+    save_bin_shards(work["hf"].state_dict(), src, 5)
     assert (src / "pytorch_model.bin.index.json").is_file()
     assert not list(src.glob("*.safetensors"))
     calls = []

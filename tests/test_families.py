@@ -274,19 +274,12 @@ def test_bin_shards_are_loaded_once_each(families, tmp_path):
     from megatron_mod.hf.mapping import param_mappings
 
     hf = families["models"]["llama2"]["hf"]
-    # Shards as older transformers wrote them, in an order unlike the import's (q, k, v of a
-    # layer in different shards), so a reader that reloads per tensor would load each many times.
+    # Tensors spread over the shards unlike the import's order (q, k, v of a layer in different
+    # shards), so a reader that reloaded per tensor would load each shard many times.
+    from tests.test_convert import save_bin_shards
+
     state = hf.state_dict()
-    names = sorted(state, key=lambda n: (n.split(".")[-2], n))
-    shards = [names[i::4] for i in range(4)]
-    (tmp_path / "bin").mkdir()
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"pytorch_model-{i + 1:05d}-of-00004.bin"
-        torch.save({n: state[n].clone() for n in shard}, tmp_path / "bin" / file)
-        weight_map.update({n: file for n in shard})
-    index = dict(metadata={}, weight_map=weight_map)
-    (tmp_path / "bin" / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    shards = save_bin_shards(state, tmp_path / "bin", 4, key=lambda n: (n.split(".")[-2], n))
     reader = HFCheckpointReader(tmp_path / "bin")
     from megatron_mod.checkpointing import read_checkpoint_metadata
 
