@@ -26,6 +26,7 @@ from megatron_mod.data.preprocess import (
 )
 from megatron_mod.data.readers import expand_inputs
 from megatron_mod.data.tokenizers import TOKENIZER_TYPES
+from megatron_mod.errors import MegatronModError
 
 __all__ = [
     "ConfigError",
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(MegatronModError, ValueError):
     """An invalid corpus config; the message names the file and the key."""
 
 

@@ -32,6 +32,7 @@ from megatron_mod.data.encode import (
 )
 from megatron_mod.data.readers import Problem, expand_inputs, iter_raw_records
 from megatron_mod.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
+from megatron_mod.errors import MegatronModError
 
 __all__ = [
     "DataError",
@@ -45,7 +46,7 @@ __all__ = [
 _EXAMPLES_PER_REASON = 3
 
 
-class DataError(RuntimeError):
+class DataError(MegatronModError, RuntimeError):
     """Bad input under ``on_error='fail'``, or an input that yields no document."""
 
 

@@ -16,6 +16,8 @@ with the same parameters, so the result equals ``nltk.sent_tokenize(text, lang)`
 
 from __future__ import annotations
 
+from megatron_mod.errors import MegatronModError
+
 __all__ = ["PUNKT_INSTALL_HINT", "PunktUnavailable", "available_languages", "load_splitter"]
 
 PUNKT_INSTALL_HINT = (
@@ -26,7 +28,7 @@ PUNKT_INSTALL_HINT = (
 )
 
 
-class PunktUnavailable(RuntimeError):
+class PunktUnavailable(MegatronModError, RuntimeError):
     """No Punkt model for the requested language could be loaded."""
 
 
