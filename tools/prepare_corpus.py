@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_mod.data.corpus import ConfigError, format_table, load_corpus_config, prepare_corpus
-from megatron_mod.data.preprocess import DataError
-from megatron_mod.data.sentences import PunktUnavailable
+from megatron_mod.data.corpus import format_table, load_corpus_config, prepare_corpus
+from megatron_mod.errors import USER_ERRORS, report
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -37,9 +36,8 @@ def main(argv=None) -> int:
         results, data_path, args_path = prepare_corpus(
             config, root=args.root, force=args.force, workers=args.workers
         )
-    except (ConfigError, DataError, PunktUnavailable, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as e:
+        return report(e)
     print(format_table(results))
     print(f"\n--data-args-path {args_path}")
     print(f"--data-path {data_path}")

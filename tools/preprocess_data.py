@@ -16,9 +16,9 @@ import json
 import sys
 
 from megatron_mod.atomic import write_text_atomic
-from megatron_mod.data.preprocess import DataError, PreprocessConfig, preprocess
-from megatron_mod.data.sentences import PunktUnavailable
+from megatron_mod.data.preprocess import PreprocessConfig, preprocess
 from megatron_mod.data.tokenizers import TOKENIZER_TYPES
+from megatron_mod.errors import USER_ERRORS, report
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -122,9 +122,8 @@ def main(argv=None) -> int:
             progress=False if args.no_progress else None,
         )
         summary = preprocess(cfg)
-    except (DataError, PunktUnavailable, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as e:
+        return report(e)
     print(summary.format())
     if args.summary_json:
         write_text_atomic(args.summary_json, json.dumps(summary.to_dict(), indent=2))
