@@ -273,12 +273,21 @@ def is_active() -> bool:
     return _ACTIVE > 0
 
 
-def enter_process_wide() -> None:
-    """Switch the guard on for the rest of the process (``MEGATRON_MOD_DEVICE_GUARD=1``)."""
+def enter_process_wide() -> DeviceGuardMode:
+    """Switch the guard on until :func:`leave_process_wide` (``MEGATRON_MOD_DEVICE_GUARD=1``)."""
     global _ACTIVE
     install_collective_guards()
-    DeviceGuardMode().__enter__()
+    mode = DeviceGuardMode()
+    mode.__enter__()
     _ACTIVE += 1
+    return mode
+
+
+def leave_process_wide(mode: DeviceGuardMode) -> None:
+    """Undo :func:`enter_process_wide`."""
+    global _ACTIVE
+    mode.__exit__(None, None, None)
+    _ACTIVE -= 1
 
 
 @contextlib.contextmanager

@@ -5,7 +5,8 @@ On a GPU host this is a thin wrapper over the usual megatron-core calls (NCCL ba
 also applies a small set of compatibility patches so that megatron-core (which hard-codes
 ``"cuda"`` in a handful of places: the global memory buffer, the RNG tracker, pipeline
 schedules, sequence-parallel gathers, rotary embeddings, checkpoint writers) runs on CPU with
-the gloo backend. The patches are applied once per process and never when a GPU is present.
+the gloo backend. :func:`initialize` applies them and :func:`destroy` undoes them; they are never
+applied when a GPU is present.
 """
 
 from __future__ import annotations
@@ -22,9 +23,17 @@ from torch.overrides import TorchFunctionMode
 
 from megatron_mod import device_guard
 
-__all__ = ["initialize", "destroy", "is_cpu_mode", "apply_cpu_patches", "device"]
+__all__ = [
+    "initialize",
+    "destroy",
+    "is_cpu_mode",
+    "apply_cpu_patches",
+    "remove_cpu_patches",
+    "device",
+]
 
 _CPU_PATCHED = False
+_GUARD_MODE = None
 _CUDA_STAND_IN = device_guard.CudaStandIn("cpu")
 _CPU_MODE: TorchFunctionMode | None = None
 
@@ -119,31 +128,65 @@ def _make_cpu_rng_tracker_class():
     return CpuRNGStatesTracker
 
 
-def apply_cpu_patches() -> None:
-    """Make megatron-core usable on a CUDA-less host. Idempotent; a no-op when CUDA exists.
+# megatron-core internals the CPU patches replace; checked first so that a megatron-core release
+# that renamed one fails with a clear message instead of a half-patched process.
+_PATCHED_MEGATRON_SYMBOLS = (
+    "_CUDA_RNG_STATE_TRACKER",
+    "_CUDA_RNG_STATE_TRACKER_INITIALIZED",
+    "CudaRNGStatesTracker",
+    "initialize_rng_tracker",
+    "_get_cuda_rng_state",
+    "_set_cuda_rng_state",
+    "CheckpointFunction",
+)
+_ORIGINALS: list[tuple[object, str, object]] = []  # (owner, attribute, original value)
 
-    With ``MEGATRON_MOD_DEVICE_GUARD=1`` it also enters :class:`~megatron_mod.device_guard.
-    DeviceGuardMode`, which fails where a GPU run would put a host tensor (tests use it).
+
+def _patch(owner, name: str, value) -> None:
+    _ORIGINALS.append((owner, name, getattr(owner, name)))
+    setattr(owner, name, value)
+
+
+def _check_megatron_symbols() -> None:
+    import megatron.core
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    missing = [n for n in _PATCHED_MEGATRON_SYMBOLS if not hasattr(mcore_random, n)]
+    if missing:
+        raise RuntimeError(
+            f"megatron-core {megatron.core.__version__} has no megatron.core.tensor_parallel."
+            f"random.{', '.join(missing)}, which the CPU patches replace; this megatron-mod "
+            "supports megatron-core 0.16-0.19 on CPU hosts (GPU hosts need no patches)"
+        )
+
+
+def apply_cpu_patches() -> None:
+    """Make megatron-core usable on a CUDA-less host; :func:`remove_cpu_patches` undoes it.
+
+    Idempotent, and a no-op when CUDA exists. :func:`initialize` calls it and :func:`destroy`
+    undoes it. With ``MEGATRON_MOD_DEVICE_GUARD=1`` it also enters
+    :class:`~megatron_mod.device_guard.DeviceGuardMode`, which fails where a GPU run would put a
+    host tensor (the tests use it).
     """
-    global _CPU_PATCHED, _CPU_MODE
+    global _CPU_PATCHED, _CPU_MODE, _GUARD_MODE
     if _CPU_PATCHED or not is_cpu_mode():
         return
+    _check_megatron_symbols()
+    from megatron.core.tensor_parallel import random as mcore_random
 
     # "cpu" rather than an index: megatron passes current_device() straight into `device=`, also
     # inside autograd backward functions, where a TorchFunctionMode is not active. The string is
     # marked so that the device guard knows the caller meant the compute device.
-    torch.cuda.current_device = lambda: _CUDA_STAND_IN
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.manual_seed = lambda *a, **k: None
-    torch.cuda.manual_seed_all = lambda *a, **k: None
+    _patch(torch.cuda, "current_device", lambda: _CUDA_STAND_IN)
+    _patch(torch.cuda, "synchronize", lambda *a, **k: None)
+    _patch(torch.cuda, "manual_seed", lambda *a, **k: None)
+    _patch(torch.cuda, "manual_seed_all", lambda *a, **k: None)
     # megatron-core >= 0.19's DDP orders its gradient reduction after the current stream.
-    torch.cuda.current_stream = lambda *a, **k: _CpuStream()
-
-    from megatron.core.tensor_parallel import random as mcore_random
+    _patch(torch.cuda, "current_stream", lambda *a, **k: _CpuStream())
 
     tracker_cls = _make_cpu_rng_tracker_class()
-    mcore_random._CUDA_RNG_STATE_TRACKER = tracker_cls()
-    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _patch(mcore_random, "_CUDA_RNG_STATE_TRACKER", tracker_cls())
+    _patch(mcore_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
     # `initialize_rng_tracker(force_reset=True)` would otherwise rebuild a CUDA tracker.
     original_init = mcore_random.initialize_rng_tracker
 
@@ -154,11 +197,15 @@ def apply_cpu_patches() -> None:
             return
         original_init(*args, **kwargs)
 
-    mcore_random.initialize_rng_tracker = initialize_rng_tracker
+    _patch(mcore_random, "initialize_rng_tracker", initialize_rng_tracker)
     # Activation recomputation saves and restores the "CUDA" generator; on CPU hosts that is the
     # CPU generator, which the tracker above already stands in for.
-    mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    mcore_random._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
+    _patch(mcore_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
+    _patch(
+        mcore_random,
+        "_set_cuda_rng_state",
+        lambda new_state, *a, **k: torch.set_rng_state(new_state),
+    )
     # The recomputed forward runs inside autograd's backward, where TorchFunctionModes are not
     # active, and it allocates on "cuda" (causal masks); run it under the CPU redirection again.
     checkpoint_backward = mcore_random.CheckpointFunction.backward
@@ -167,14 +214,30 @@ def apply_cpu_patches() -> None:
         with _CudaToCpuMode():
             return checkpoint_backward(ctx, *args)
 
-    mcore_random.CheckpointFunction.backward = staticmethod(backward_on_cpu)
+    _patch(mcore_random.CheckpointFunction, "backward", staticmethod(backward_on_cpu))
 
     _CPU_MODE = _CudaToCpuMode()
     _CPU_MODE.__enter__()
     if device_guard.guard_requested():
         # Entered after the CPU mode, so it sees calls before their CUDA devices are rewritten.
-        device_guard.enter_process_wide()
+        _GUARD_MODE = device_guard.enter_process_wide()
     _CPU_PATCHED = True
+
+
+def remove_cpu_patches() -> None:
+    """Undo :func:`apply_cpu_patches` (a no-op when nothing is patched)."""
+    global _CPU_PATCHED, _CPU_MODE, _GUARD_MODE
+    if not _CPU_PATCHED:
+        return
+    if _GUARD_MODE is not None:
+        device_guard.leave_process_wide(_GUARD_MODE)
+        _GUARD_MODE = None
+    _CPU_MODE.__exit__(None, None, None)
+    _CPU_MODE = None
+    while _ORIGINALS:
+        owner, name, original = _ORIGINALS.pop()
+        setattr(owner, name, original)
+    _CPU_PATCHED = False
 
 
 def _free_port() -> int:
@@ -248,10 +311,11 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
 
 
 def destroy() -> None:
-    """Tear down model-parallel state and the process group (for tests and clean exits)."""
+    """Tear down model-parallel state and the process group, and undo the CPU patches."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    remove_cpu_patches()

@@ -415,3 +415,41 @@ def test_device_guard_allows_host_scalars_and_indexing(mcore):
     with torch.no_grad():
         (weight * torch.tensor(2.0)).sum()  # 0-dim host tensors are scalars on a GPU too
         weight[torch.tensor([0, 3])].sum()  # indexing with host indices is legal on a GPU
+
+
+# ------------------------------------------------------------------ CPU patches are reversible
+
+
+def test_cpu_patches_are_undone_by_destroy_and_reapplied_by_initialize():
+    """Run in a child process: destroying the session's megatron state would end this one's."""
+    import subprocess
+    import sys
+
+    from tests.subprocess_utils import subprocess_env
+
+    script = """
+import torch
+from megatron.core.tensor_parallel import random as mcore_random
+from megatron_mod import platform
+
+original = torch.cuda.current_device
+original_tracker_flag = mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED
+platform.initialize(tp=1, pp=1)
+assert torch.cuda.current_device is not original
+assert torch._C._len_torch_function_stack() >= 1
+platform.destroy()
+assert torch.cuda.current_device is original
+assert mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED == original_tracker_flag
+assert torch._C._len_torch_function_stack() == 0
+platform.initialize(tp=1, pp=1)  # and once more, from scratch
+from megatron_mod.models import build_gpt_model, llama_config
+model = build_gpt_model(llama_config("tiny"), None, vocab_size=64, max_seq_len=16)
+tokens = torch.zeros(1, 8, dtype=torch.long, device=platform.device())
+model(tokens, torch.arange(8, device=platform.device())[None], None)
+platform.destroy()
+print("reversible")
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "reversible" in proc.stdout, proc.stderr[-3000:]
