@@ -508,6 +508,49 @@ def test_converters_ask_for_no_gpu_on_a_gpu_host(work, tmp_path, monkeypatch):
     assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
+_FAKE_CUDA_HOST = """
+import runpy, sys, torch
+
+def no_gpu(name):
+    def refuse(*args, **kwargs):  # one function per name: torch._dynamo indexes them
+        raise AssertionError(f"the converter called torch.cuda.{name}")
+    return refuse
+
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 8
+# (torch.manual_seed's torch.cuda.manual_seed_all only queues the seed until CUDA starts.)
+for name in ("current_device", "set_device", "synchronize", "init", "_lazy_init",
+             "get_rng_state", "set_rng_state", "mem_get_info", "current_stream", "Stream",
+             "stream", "empty_cache"):
+    setattr(torch.cuda, name, no_gpu(name))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_converter_clis_leave_every_gpu_alone_on_a_cuda_host(work, tmp_path):
+    """Both CLIs as on a GPU host (torch reports CUDA, any CUDA entry point fails), in fresh
+    processes that never apply megatron_mod's CPU patches: conversion selects no GPU, creates no
+    CUDA context and allocates nothing there."""
+    env = subprocess_env()
+    ck, hf = tmp_path / "ck", tmp_path / "hf"
+    for tool, args in (
+        ("convert_hf_to_megatron.py", ["--hf-dir", work["root"] / "hf", "--out-dir", ck,
+                                        "--tp", "2", "--pp", "2"]),
+        ("convert_megatron_to_hf.py", ["--ckpt-dir", ck, "--out-dir", hf]),
+    ):  # fmt: skip
+        cmd = [sys.executable, "-c", _FAKE_CUDA_HOST, str(REPO / "tools" / tool)]
+        cmd += [str(a) for a in args] + ["--no-progress"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(work["tokens"]).logits
+    assert torch.isfinite(logits).all()
+
+
 def test_tied_embeddings_stay_tied(tmp_path, mcore):
     """A tied source (SmolLM2, LLaMA-3.2 1B/3B) becomes a megatron model with one shared matrix
     and exports with tie_word_embeddings and no lm_head tensor."""

@@ -170,6 +170,36 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _init_conversion_process(what: str) -> None:
+    """A one-process gloo group and TP=PP=1 model-parallel state, never touching CUDA.
+
+    Conversion runs on the host (meta-device planning model, CPU tensors), so unlike
+    ``platform.initialize`` this selects no GPU, creates no CUDA context or CUDA RNG state and
+    applies no CPU patches: on a GPU host the converters leave every GPU alone. An already
+    initialised TP=1/PP=1 state (e.g. a test session) is used as it is.
+    """
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() != 1 or (
+            parallel_state.get_pipeline_model_parallel_world_size() != 1
+        ):
+            raise ConversionError(f"{what} runs in a single TP=1/PP=1 process")
+        return
+    if not torch.distributed.is_initialized():
+        import socket
+
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        torch.distributed.init_process_group(
+            backend="gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+        )
+    elif torch.distributed.get_world_size() != 1:
+        raise ConversionError(f"{what} runs in a single process, not under torchrun")
+    parallel_state.initialize_model_parallel(1, 1)
+
+
 # ------------------------------------------------------------------------------ HF reading
 
 
@@ -781,10 +811,7 @@ def _convert_hf_dir(
     progress: bool,
     explicit_mod_fields: Collection[str] | None,
 ) -> ConversionSummary:
-    from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-
-    from megatron_mod import platform
 
     start = time.time()
     hf_config = _read_json(hf_dir / "config.json")
@@ -827,13 +854,7 @@ def _convert_hf_dir(
     if dropped:
         summary.notes.append(f"source routers of non-routed layers {dropped} dropped")
 
-    if parallel_state.model_parallel_is_initialized():
-        if parallel_state.get_tensor_model_parallel_world_size() != 1 or (
-            parallel_state.get_pipeline_model_parallel_world_size() != 1
-        ):
-            raise ConversionError("convert_hf_to_megatron runs in a single TP=1/PP=1 process")
-    else:
-        platform.initialize(tp=1, pp=1, seed=seed)
+    _init_conversion_process("convert_hf_to_megatron")
     torch.manual_seed(seed)
     model = build_model_from_metadata(
         metadata,
@@ -1091,10 +1112,7 @@ def convert_megatron_to_hf(
     Returns:
         A :class:`ConversionSummary`.
     """
-    from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    from megatron_mod import platform
 
     start = time.time()
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
@@ -1107,8 +1125,7 @@ def convert_megatron_to_hf(
     dims = metadata.dims()
     routed = mod.routed_layer_indices(dims.num_layers) if mod else []
     stored_dtypes = checkpoint_tensor_dtypes(iter_dir)
-    if not parallel_state.model_parallel_is_initialized():
-        platform.initialize(tp=1, pp=1)
+    _init_conversion_process("convert_megatron_to_hf")
     model = build_model_from_metadata(
         metadata,
         dense=mod is None,
