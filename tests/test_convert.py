@@ -725,6 +725,23 @@ def test_bad_input_is_refused_before_writing(work, tmp_path, case, kwargs, match
     _assert_nothing_written(out)
 
 
+def test_mixed_dtype_source_is_stored_as_fp32_with_a_note(work, tmp_path):
+    """bf16 weights with fp32 norms (as some checkpoints ship): stored fp32, which holds both
+    exactly, and the summary says so."""
+    from megatron_mod.checkpointing import read_checkpoint_metadata
+    from megatron_mod.hf.convert import convert_hf_to_megatron
+
+    def mix(tensors):
+        for name in tensors:
+            if "norm" not in name:
+                tensors[name] = tensors[name].to(torch.bfloat16)
+
+    hf_dir = _variant(work, tmp_path, edit_tensors=mix)
+    summary = convert_hf_to_megatron(hf_dir, tmp_path / "ck", mod_config=P0, progress=False)
+    assert any("mixes dtypes" in n and "bfloat16" in n for n in summary.notes), summary.notes
+    assert read_checkpoint_metadata(tmp_path / "ck").params_dtype == "float32"
+
+
 def test_failure_midway_leaves_no_output(work, tmp_path, monkeypatch):
     from megatron_mod.checkpointing import StreamingCheckpointWriter
     from megatron_mod.hf.convert import convert_hf_to_megatron
