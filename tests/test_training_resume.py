@@ -1,12 +1,13 @@
 """Long runs survive: periodic checkpoints, exact resume, preemption and the NaN guard.
 
 A tiny converted LLaMA (every layer routed, about half the tokens kept) is trained with
-``tools/pretrain_mod.py --save-interval 2``. Each test interrupts a run in a way a cluster does
-(kill -9 after a checkpoint or in the middle of writing one, SIGTERM, a NaN) and re-runs the
-identical command: the continued run must log the same per-step LM loss, load loss, gradient
-norm, learning rate and kept fractions as the uninterrupted run, bit for bit (the same layout on
-CPU is deterministic), also under torchrun (DP 2, TP 2, distributed optimizer). A checkpoint
-saved under one layout resumes under another within fp32 reduction-order tolerance.
+``tools/pretrain_mod.py --save-interval 2`` and the compute-target controller. Each test
+interrupts a run in a way a cluster does (kill -9 after a checkpoint or in the middle of
+writing one, SIGTERM, a NaN) and re-runs the identical command: the continued run must log the
+same per-step LM loss, load loss, gradient norm, learning rate and kept fractions as the
+uninterrupted run, bit for bit (the same layout on CPU is deterministic), also under torchrun
+(DP 2, TP 2, distributed optimizer). A checkpoint saved under one layout resumes under another
+within fp32 reduction-order tolerance.
 
 The reference and every torchrun run use the device guard (``MEGATRON_MOD_DEVICE_GUARD=1``): a
 batch, loss mask or reduction buffer left on the host fails the run as it would on a GPU.
@@ -33,6 +34,9 @@ COMMON = [
     "--split", "95,5,0", "--seq-length", "64", "--micro-batch-size", "2",
     "--global-batch-size", "8", "--train-iters", str(STEPS), "--lr", "1e-3", "--min-lr", "1e-4",
     "--lr-warmup-iters", "1", "--eval-iters", "1", "--log-interval", "1", "--save-interval", "2",
+    # The compute-target controller moves the load-loss coefficients every step: a resume that
+    # lost its state would log another load loss.
+    "--mod-target-compute", "0.35", "--mod-target-warmup-steps", "2",
 ]  # fmt: skip
 METRICS = ("lm_loss", "load_loss", "grad_norm", "lr", "kept_fraction")
 FAULTS = REPO / "tests" / "distributed" / "train_faults.py"
@@ -154,6 +158,7 @@ def test_reference_keeps_the_newest_checkpoints(work, reference):
     state = json.loads((save / "iter_0000006" / "train_state.json").read_text())
     assert state["iteration"] == 6 and state["consumed_samples"] == 6 * 8
     assert state["scheduler"]["num_steps"] == 6
+    assert state["controller"]["step"] == 6 and state["controller"]["target"] == 0.35
     assert sorted(reference) == list(range(1, STEPS + 1))
     assert not any(s["skipped"] for s in reference.values())
 

@@ -71,6 +71,8 @@ MEANING_CHANGING_ARGS = (
     "weight_decay",
     "clip_grad",
     *(f"mod_{f}" for f in _OVERRIDABLE_MOD_FIELDS),
+    "mod_target_compute",
+    "mod_target_warmup_steps",
 )
 
 
@@ -216,6 +218,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--mod-capacity", type=float)
     g.add_argument("--mod-gate", choices=("scale", "straight_through"))
     g.add_argument("--mod-load-loss-coeff", type=float)
+    g.add_argument(
+        "--mod-target-compute",
+        type=float,
+        help="steer the load-loss coefficients so that c_eff (computed fraction over all "
+        "layers) reaches this target (megatron_mod.training.controller)",
+    )
+    g.add_argument(
+        "--mod-target-warmup-steps",
+        type=int,
+        default=50,
+        help="steps over which the compute target ramps down from 1.0",
+    )
     args = p.parse_args(argv)
     _validate_args(p, args)
     return args
@@ -586,6 +600,20 @@ def pretrain(args: argparse.Namespace) -> dict:
             writer.add_scalar("validation/c_eff", result.c_eff, iteration)
         return result
 
+    controller = None
+    if args.mod_target_compute is not None:
+        from megatron_mod.training.controller import ComputeTargetConfig, ComputeTargetController
+
+        if mod_config is None:
+            raise ValueError("--mod-target-compute needs a MoD checkpoint (this one is dense)")
+        # The layers read their coefficients from this MoDConfig, which the controller updates.
+        controller = ComputeTargetController(
+            mod_config,
+            num_layers,
+            ComputeTargetConfig(
+                target=args.mod_target_compute, warmup_steps=args.mod_target_warmup_steps
+            ),
+        )
     training = setup_model_and_optimizer(model, cfg)
     ddp_model, optimizer, scheduler = training
     start_iteration, skipped = 0, 0
@@ -593,6 +621,8 @@ def pretrain(args: argparse.Namespace) -> dict:
     if resume is not None:
         state = ckpt.load_training_checkpoint(resume[0], model, optimizer, scheduler)
         start_iteration, skipped = state.iteration, state.skipped_iterations
+        if controller is not None and state.controller is not None:
+            controller.load_state_dict(state.controller)
         if state.consumed_samples != start_iteration * global_batch:
             raise ValueError(
                 f"{resume[0]}: consumed samples {state.consumed_samples} != iteration "
@@ -616,9 +646,7 @@ def pretrain(args: argparse.Namespace) -> dict:
                 args=resolved,
                 layout={},
                 skipped_iterations=skipped,
-                # A MoD compute-target controller (``--mod-target-compute``) records its
-                # state_dict() here; this trainer has none yet.
-                controller=None,
+                controller=controller.state_dict() if controller is not None else None,
             ),
             keep_last=args.keep_last,
             optimizer_format=(
@@ -636,6 +664,9 @@ def pretrain(args: argparse.Namespace) -> dict:
     def hook(step):
         nonlocal skipped
         skipped += step.skipped
+        if controller is not None and not step.skipped:
+            # Kept fractions are reduced over all ranks, so every rank sets the same coefficients.
+            controller.update(step.kept_fraction)
         if args.eval_interval and step.iteration % args.eval_interval == 0:
             run_eval(f"iteration {step.iteration}", step.iteration)
         if step.exit_requested or (args.save_interval and step.iteration % args.save_interval == 0):
