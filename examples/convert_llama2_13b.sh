@@ -7,9 +7,13 @@
 #   # SLURM, one task per node:
 #   HF_DIR=... DATA_ARGS=... srun --nodes=N --ntasks-per-node=1 bash examples/convert_llama2_13b.sh
 #
+# Memory per GPU (TP 4, DP 2, bf16, distributed optimizer): 3.3B params/GPU -> 6.5 GB weights,
+# 13 GB fp32 grads, 20 GB optimizer shard; activations ~6 GB (40 layers, SP): ~46 GB, with
+# selective recomputation of the attention core.
 # Every setting below can be overridden from the environment; see examples/lib/modify_llama.sh.
 export MODEL=llama2-13b
 export TP=${TP:-4} PP=${PP:-1} SP=${SP:-1} DIST_OPT=${DIST_OPT:-1}
 export SEQ=${SEQ:-4096} MBS=${MBS:-1} GBS=${GBS:-256} ITERS=${ITERS:-2000}
 export LR=${LR:-3e-5} MIN_LR=${MIN_LR:-3e-6} WARMUP=${WARMUP:-100}
+export RECOMPUTE=${RECOMPUTE:-selective} SAVE_INTERVAL=${SAVE_INTERVAL:-200} KEEP_LAST=${KEEP_LAST:-2}
 exec bash "$(dirname "$0")/lib/modify_llama.sh"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -305,3 +306,72 @@ def test_resume_under_another_layout(work, reference):
         assert step["grad_norm"] == pytest.approx(reference[it]["grad_norm"], rel=1e-4)
         assert step["lr"] == pytest.approx(reference[it]["lr"], rel=1e-6)
         assert step["kept_fraction"] == pytest.approx(reference[it]["kept_fraction"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+EVAL = [sys.executable, str(REPO / "tools" / "evaluate_mod.py")]
+
+
+def _evaluate(work: Path, name: str, flags=(), nproc: int = 1) -> dict:
+    launcher = list(EVAL)
+    if nproc > 1:
+        launcher = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", *EVAL[1:],
+        ]  # fmt: skip
+    out = work / f"{name}.json"
+    _run(
+        [
+            *launcher,
+            "--load",
+            str(work / "ref"),
+            "--data-path",
+            "1.0",
+            str(work / "data" / "stdlib_text_document"),
+            "--split",
+            "95,5,0",
+            "--seq-length",
+            "64",
+            "--micro-batch-size",
+            "2",
+            "--eval-iters",
+            "4",
+            "--json-out",
+            str(out),
+            *flags,
+        ],  # fmt: skip
+        log=work / f"{name}.log",
+    )
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def evaluated(work, reference) -> dict:
+    """tools/evaluate_mod.py on the reference run's final checkpoint, in one process."""
+    return _evaluate(work, "eval")
+
+
+def test_evaluate_reproduces_the_trainers_validation(work, evaluated):
+    """tools/evaluate_mod.py on the final checkpoint = the trainer's last validation (the
+    same 8 held-out samples), and a higher threshold keeps fewer tokens at a higher loss."""
+    trained = json.loads((work / "ref.json").read_text())
+    got = evaluated
+    assert got["checkpoint"].endswith("iter_0000006") and got["samples"] == 8
+    assert got["lm_loss"] == trained["valid_lm_loss_after"]
+    assert got["perplexity"] == pytest.approx(math.exp(got["lm_loss"]))
+    assert got["c_eff"] == trained["c_eff_after"]
+    assert {int(k): v for k, v in got["kept_fraction"].items()} == {
+        int(k): v for k, v in trained["kept_fraction_after"].items()
+    }
+    strict = _evaluate(work, "eval_p07", ["--mod-threshold", "0.7"])
+    assert strict["mod"]["threshold"] == 0.7
+    assert strict["c_eff"] < got["c_eff"] and strict["lm_loss"] > got["lm_loss"]
+
+
+def test_evaluate_under_pipeline_parallel(work, evaluated):
+    single = evaluated
+    got = _evaluate(work, "eval_pp2", ["--pipeline-model-parallel-size", "2"], nproc=2)
+    assert got["layout"]["pipeline_model_parallel_size"] == 2
+    assert got["lm_loss"] == pytest.approx(single["lm_loss"], rel=1e-5)
+    assert got["kept_fraction"] == pytest.approx(single["kept_fraction"], abs=1e-6)

@@ -8,6 +8,10 @@
 #   DATA_ARGS    a --data-args-path blend file (tools/prepare_corpus.py writes one)
 #   WORK         output root on a shared filesystem (default: work/<model>)
 #   TP PP SP DIST_OPT GBS MBS SEQ ITERS LR MIN_LR WARMUP   layout and schedule (set per model)
+#   RECOMPUTE    activation recomputation: none | selective | full (full: RECOMPUTE_METHOD
+#                uniform|block and RECOMPUTE_NUM_LAYERS, default uniform 1); set per model
+#   SAVE_INTERVAL, KEEP_LAST   training checkpoints every N steps, keeping the newest K; re-running
+#                the script continues from the newest one (SIGTERM: finish the step, save, exit 0)
 #   MOD_ARGS     extra --mod-* flags for the import (default: every_other, p = 0.5)
 #   GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT: the torchrun rendezvous; under
 #                SLURM they default from SLURM_NNODES, SLURM_NODEID and the first host of
@@ -68,6 +72,13 @@ echo "== [2/3] continued pretraining -> $CKPT_TRAINED"
 extra=()
 [ "${SP:-0}" = 1 ] && extra+=(--sequence-parallel)
 [ "${DIST_OPT:-1}" = 1 ] && extra+=(--use-distributed-optimizer --overlap-grad-reduce)
+case "${RECOMPUTE:-none}" in
+  none) ;;
+  selective) extra+=(--recompute-granularity selective) ;;
+  full) extra+=(--recompute-granularity full --recompute-method "${RECOMPUTE_METHOD:-uniform}"
+                --recompute-num-layers "${RECOMPUTE_NUM_LAYERS:-1}") ;;
+  *) echo "error: RECOMPUTE=$RECOMPUTE; use none, selective or full" >&2; exit 2 ;;
+esac
 run "$PY" -m torch.distributed.run --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" \
   --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   tools/pretrain_mod.py --load "$CKPT_MOD" --save "$CKPT_TRAINED" \
@@ -77,6 +88,7 @@ run "$PY" -m torch.distributed.run --nproc_per_node "$GPUS_PER_NODE" --nnodes "$
   --train-iters "$ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP" \
   --weight-decay 0.1 --clip-grad 1.0 --mod-load-loss-coeff 0.01 \
   --eval-interval 500 --eval-iters 10 --log-interval 10 \
+  --save-interval "${SAVE_INTERVAL:-200}" --keep-last "${KEEP_LAST:-2}" --exit-signal-handler \
   --tensorboard-dir "$WORK/tensorboard" --summary-json "$WORK/pretrain_summary.json"
 
 # 3. Export (node 0).
