@@ -37,11 +37,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_mod.atomic import write_text_atomic  # noqa: E402
+from megatron_mod.errors import USER_ERRORS, MegatronModError, report  # noqa: E402
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 
 
-class SweepError(ValueError):
+class SweepError(MegatronModError, ValueError):
     """Bad input for the sweep (the message names the file or flag and what to do)."""
 
 
@@ -341,9 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, tokenizer = load_model(args.model)
         windows = load_windows(args, tokenizer, model.config.vocab_size)
-    except (SweepError, FileNotFoundError, UnicodeDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report(e, "sweep_threshold.py")
     original_p = model.config.mod_threshold
     rows = []
     for p in args.p:
@@ -357,8 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         ctx = args.speed_context or args.seq_length
         flat = windows.flatten()
         if ctx > flat.numel():
-            print(f"error: --speed-context {ctx} > the {flat.numel()} tokens read", file=sys.stderr)
-            return 2
+            return report(
+                SweepError(f"--speed-context {ctx} is more than the {flat.numel()} tokens read"),
+                "sweep_threshold.py",
+            )
         speed = measure_speed(
             model, flat[:ctx][None], args.p, args.speed_new_tokens, args.speed_rounds
         )
