@@ -7,6 +7,7 @@ distributed optimizer, on the same global batches. Every layout must reproduce t
 per-step LM loss, load-reducing loss, gradient norm and kept fractions, its validation loss, and
 its trained weights: this exercises megatron-core DDP's gradient averaging, the optimizer's
 global-norm clipping, the load loss's scaling and the data-parallel batch sharding together.
+Every run uses the device guard, so a host tensor where a GPU run needs the device fails it.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ LAYOUTS = {
 
 
 def _run(cmd: list[str], timeout: int = 600) -> None:
-    proc = subprocess.run(
-        cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
-    )
+    # The device guard fails a run whose batches, loss buffers or collectives would use host
+    # tensors on a GPU (megatron_mod.device_guard).
+    env = dict(subprocess_env(), MEGATRON_MOD_DEVICE_GUARD="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-5000:]}"
 
 

@@ -196,8 +196,12 @@ def test_kill_mid_save_and_after_a_checkpoint_then_same_command_resumes_exactly(
     done = int(_latest(save).removeprefix("iter_"))
     assert 4 <= done < STEPS and not (save / ".tmp_iter_0000004").exists()
 
-    # 3. Once more: it continues from the newest checkpoint, exactly as if never interrupted.
-    out = _run(cmd, work / "killed.json").stdout
+    # 3. Once more: it continues from the newest checkpoint, exactly as if never interrupted,
+    # also with full activation recomputation (memory settings may change on resume).
+    recompute = ["--recompute-granularity", "full", "--recompute-method", "uniform"]
+    recompute += ["--recompute-num-layers", "1"]
+    out = _run([*cmd, *recompute], work / "killed.json").stdout
+    assert "recompute full" in out
     assert f"resuming from {save / f'iter_{done:07d}'}: iteration {done}/{STEPS}" in out
     resumed = _steps(work / "killed.json")
     assert sorted(resumed) == list(range(done + 1, STEPS + 1))
