@@ -116,25 +116,30 @@ def read_train_state(iter_dir: str | os.PathLike) -> TrainState:
 def find_training_checkpoint(save_dir: str | os.PathLike) -> tuple[Path, TrainState] | None:
     """The iteration ``latest`` names in ``save_dir``, if it is a training checkpoint.
 
-    Returns None when ``save_dir`` has no ``latest`` or it names a model-only iteration (an
-    imported model): such a directory starts a new run.
+    Read-only, so every rank may call it before the process group exists. Returns None when
+    ``save_dir`` has no ``latest`` or it names a model-only iteration (an imported model): such
+    a directory starts a new run.
     """
     from megatron_mod.checkpointing import LATEST_FILENAME
 
     save_dir = Path(save_dir)
-    _restore_interrupted_replace(save_dir)
     latest = save_dir / LATEST_FILENAME
     if not latest.is_file():
         return None
     iter_dir = save_dir / latest.read_text(encoding="utf-8").strip()
-    if not (iter_dir / TRAIN_STATE_FILENAME).is_file():
+    # Every rank reads, nothing is changed here: a kill between the two renames that replace an
+    # iteration leaves it as .old_<name>, which clean_stale (rank 0) puts back before loading.
+    found = iter_dir
+    if not iter_dir.exists() and (save_dir / f".old_{iter_dir.name}").is_dir():
+        found = save_dir / f".old_{iter_dir.name}"
+    if not (found / TRAIN_STATE_FILENAME).is_file():
         return None
-    if not (iter_dir / "metadata.json").is_file():
+    if not (found / "metadata.json").is_file():
         raise FileNotFoundError(
             f"{latest} names {iter_dir.name}, which is incomplete (no metadata.json); point "
             f"{LATEST_FILENAME} at an earlier iter_* directory or start over with --overwrite"
         )
-    return iter_dir, read_train_state(iter_dir)
+    return iter_dir, read_train_state(found)
 
 
 def training_iterations(save_dir: str | os.PathLike) -> list[int]:

@@ -353,6 +353,7 @@ def train(
     flops=None,
     writer=None,
     run_start: float | None = None,
+    exit_handler: ExitSignalHandler | None = None,
 ) -> list[StepResult]:
     """Train ``model`` on ``batches`` of ``{"tokens", "labels"}`` ([mbs, seq] each).
 
@@ -377,6 +378,8 @@ def train(
         writer: a TensorBoard ``SummaryWriter`` (rank 0); default: one on
             ``cfg.tensorboard_dir``.
         run_start: ``time.monotonic()`` at the start of the run, for ``exit_duration_in_mins``.
+        exit_handler: an installed :class:`ExitSignalHandler` (the caller restores it); default
+            with ``cfg.exit_signal_handler``: one installed for the loop's duration.
 
     Returns:
         One :class:`StepResult` per step run (the same on every rank).
@@ -396,7 +399,8 @@ def train(
     if own_writer:
         writer = _open_writer(cfg)
     run_start = time.monotonic() if run_start is None else run_start
-    handler = ExitSignalHandler() if cfg.exit_signal_handler else None
+    own_handler = exit_handler is None and cfg.exit_signal_handler
+    handler = ExitSignalHandler() if own_handler else exit_handler
 
     tracker = get_metrics_tracker()
     forward_backward = get_forward_backward_func()
@@ -490,7 +494,7 @@ def train(
                 break
     finally:
         tracker.clear()
-        if handler is not None:
+        if own_handler:
             handler.restore()
         if own_writer and writer is not None:
             writer.close()

@@ -430,6 +430,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     from megatron_mod.data.megatron_tokenizer import megatron_tokenizer
     from megatron_mod.training import checkpoint as ckpt
     from megatron_mod.training.loop import (
+        ExitSignalHandler,
         TrainConfig,
         evaluate,
         format_kept,
@@ -440,6 +441,8 @@ def pretrain(args: argparse.Namespace) -> dict:
     from megatron_mod.training.throughput import ModelFlops
 
     run_start = time.monotonic()
+    # Installed first, so a SIGTERM while the model and data load is not lost either.
+    exit_handler = ExitSignalHandler() if args.exit_signal_handler else None
     load, save = Path(args.load), Path(args.save)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if tp < 1 or pp < 1 or _world_size() % (tp * pp):
@@ -484,10 +487,12 @@ def pretrain(args: argparse.Namespace) -> dict:
     global_batch = args.micro_batch_size * num_microbatches * dp_size
     if resume is None:
         _prepare_save_dir(save, load, args.overwrite)
-    elif rank == 0:
-        stale = ckpt.clean_stale(save)
-        if stale:
-            log(f"removed what an interrupted save left in {save}: {', '.join(stale)}")
+    else:
+        if rank == 0:
+            stale = ckpt.clean_stale(save)
+            if stale:
+                log(f"removed what an interrupted save left in {save}: {', '.join(stale)}")
+        torch.distributed.barrier()  # the iteration is in place before any rank reads it
     overrides = {"sequence_parallel": True} if args.sequence_parallel else {}
     if args.bf16:
         overrides["bf16"] = True
@@ -705,7 +710,10 @@ def pretrain(args: argparse.Namespace) -> dict:
         flops=ModelFlops.from_config(model.config, metadata.padded_vocab_size, args.seq_length),
         writer=writer,
         run_start=run_start,
+        exit_handler=exit_handler,
     )
+    if exit_handler is not None:
+        exit_handler.restore()
     last_iteration = results[-1].iteration if results else start_iteration
     exited = bool(results) and results[-1].exit_requested
     after = None
