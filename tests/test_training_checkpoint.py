@@ -117,3 +117,23 @@ def test_optimizer_state_compatibility(tmp_path):
     ckpt.check_optimizer_compatible(
         dist, {**new_dp, "tensor_model_parallel_size": 2}, True, tmp_path
     )
+
+
+def test_train_tokens_and_decay_iters_resolve_to_steps():
+    from megatron_mod.training.pretrain import _resolved_args, parse_args
+
+    base = ["--load", "ckpt", "--save", "out", "--data-path", "1.0", "data/x_text_document"]
+    base += ["--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8"]
+    args = parse_args([*base, "--train-tokens", "5000"])
+    resolved = _resolved_args(args, args.data_path, data_parallel_size=2)
+    # 8 sequences x 64 tokens = 512 tokens a step: ceil(5000 / 512) = 10 steps.
+    assert resolved["train_iters"] == 10 and resolved["lr_decay_iters"] == 10
+    assert resolved["global_batch_size"] == 8
+    resolved = _resolved_args(
+        parse_args([*base, "--train-iters", "7", "--lr-decay-iters", "20"]), ["1.0", "x"], 1
+    )
+    assert (resolved["train_iters"], resolved["lr_decay_iters"]) == (7, 20)
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--train-iters", "7", "--train-tokens", "100"])
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--recompute-granularity", "full"])  # needs method and layers

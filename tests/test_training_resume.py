@@ -256,6 +256,28 @@ def test_nan_stop_names_the_iteration(work):
     assert not (work / "nan_stop" / "latest").exists()  # stopped before any checkpoint
 
 
+def test_exit_duration_saves_and_exits_zero(work):
+    out = _run(
+        _command(work, "duration", flags=["--exit-duration-in-mins", "0.0001"]),
+        work / "duration.json",
+    ).stdout
+    assert "exiting after iteration 1 (--exit-duration-in-mins)" in out
+    assert _latest(work / "duration") == "iter_0000001"
+    assert json.loads((work / "duration.json").read_text())["exited_early"]
+
+
+def test_nan_on_one_rank_is_skipped_on_every_rank(work):
+    """DP 2, NaN on rank 1 only: rank 0's loss is finite, yet both skip iteration 2."""
+    fault = ["--fault", "nan", "--fault-iter", "2", "--fault-rank", "1", "--"]
+    _run(
+        _command(work, "nan_dp2", nproc=2, flags=["--on-nan", "skip"], script=FAULTS, fault=fault),
+        work / "nan_dp2.json",
+    )
+    steps = _steps(work / "nan_dp2.json")  # written by rank 0
+    assert [it for it, s in steps.items() if s["skipped"]] == [2]
+    assert steps[3]["lr"] == steps[2]["lr"]  # the schedule did not advance on the skip
+
+
 def test_changed_meaning_is_refused_before_any_heavy_work(work, reference):
     start = time.perf_counter()
     proc = _run(
