@@ -130,7 +130,8 @@ def test_cli_writes_loadable_pruned_model_equal_to_skipping(tiny_dir, tmp_path, 
 
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 4 and config["tie_word_embeddings"] is True
-    assert config["pruned_from"]["removed_layers"] == plan["removed"]
+    assert set(config) == set(json.loads((model_dir / "config.json").read_text()))
+    assert json.loads((out / "pruning.json").read_text())["removed"] == plan["removed"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
     pruned = _load(out)
     assert pruned.lm_head.weight.data_ptr() == pruned.model.embed_tokens.weight.data_ptr()

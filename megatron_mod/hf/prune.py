@@ -265,7 +265,7 @@ def write_pruned_dir(
     kept: Sequence[int],
     out_dir: str | os.PathLike,
     overwrite: bool = False,
-    extra_config: dict | None = None,
+    provenance: dict | None = None,
 ) -> Path:
     """Copy an HF LLaMA directory keeping only decoder layers ``kept`` (renumbered in order).
 
@@ -278,7 +278,8 @@ def write_pruned_dir(
         kept: source layer indices to keep, in the new order.
         out_dir: directory to create.
         overwrite: replace ``out_dir`` if it exists.
-        extra_config: keys merged into the new config.json (e.g. provenance).
+        provenance: written as ``pruning.json`` beside the weights (config.json gets no extra
+            keys: converters refuse keys they do not know, as they might change the model).
 
     Raises:
         PruneError: missing files, an index out of range, or ``out_dir`` exists without
@@ -312,13 +313,12 @@ def write_pruned_dir(
     for key in ("layer_types", "mlp_bias_per_layer"):  # per-layer lists some configs carry
         if isinstance(config.get(key), list) and len(config[key]) == num_layers:
             config[key] = [config[key][i] for i in kept]
-    config.update(extra_config or {})
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         for item in src.iterdir():
-            if item.name == "config.json" or _WEIGHT_FILES.match(item.name):
+            if item.name in ("config.json", "pruning.json") or _WEIGHT_FILES.match(item.name):
                 continue
             if item.is_file():
                 shutil.copy2(item, tmp / item.name)
@@ -329,6 +329,8 @@ def write_pruned_dir(
             metadata={"format": "pt"},
         )
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if provenance is not None:
+            (tmp / "pruning.json").write_text(json.dumps(provenance, indent=2) + "\n")
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
@@ -367,8 +369,7 @@ def prune_hf_llama(
         progress: optional iterator wrapper (tqdm).
 
     Returns:
-        The plan (scores, kept and removed layers, c_eff); also stored in the new config.json
-        under ``pruned_from``.
+        The plan (scores, kept and removed layers, c_eff); also stored in ``out_dir/pruning.json``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -396,6 +397,6 @@ def prune_hf_llama(
         c_eff=len(kept) / len(scores),
         scored_tokens=windows.numel(),
     )
-    provenance = {"source": str(src), "removed_layers": removed, "c_eff": plan.c_eff}
-    write_pruned_dir(src, kept, out, overwrite=overwrite, extra_config={"pruned_from": provenance})
+    provenance = {"source": str(src), "data": str(data), **plan.to_dict()}
+    write_pruned_dir(src, kept, out, overwrite=overwrite, provenance=provenance)
     return plan
