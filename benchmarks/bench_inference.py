@@ -119,6 +119,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234, help="router initialisation seed")
     p.add_argument("--out-dir", default=str(RESULTS_DIR), help="where JSON and PNG go")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument(
+        "--save-calibrated",
+        default=None,
+        help="also write the first --kept variant as an HF llama_mod export to this directory "
+        "(e.g. for tools/sweep_threshold.py), then benchmark",
+    )
     args = p.parse_args(argv)
     args.kept = _floats(args.kept)
     args.contexts = _ints(args.contexts)
@@ -232,6 +238,29 @@ def dense_twin(mod):
     return dense.eval()
 
 
+def save_export(mod, tok, out: Path) -> None:
+    """Write ``mod`` as an exporter-style llama_mod directory (weights, config with auto_map,
+    modeling files, tokenizer), renamed into place when complete."""
+    import shutil
+
+    from megatron_mod.hf.convert import HF_MODELING_FILES, MOD_AUTO_MAP
+
+    if out.exists():
+        raise SystemExit(f"--save-calibrated {out}: already exists; choose a new directory")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    mod.save_pretrained(tmp, safe_serialization=True)
+    if tok is not None:
+        tok.save_pretrained(tmp)
+    hf_dir = Path(__file__).resolve().parents[1] / "megatron_mod" / "hf"
+    for name in HF_MODELING_FILES:
+        shutil.copy2(hf_dir / name, tmp / name)
+    config = json.loads((tmp / "config.json").read_text())
+    config["auto_map"] = dict(MOD_AUTO_MAP)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
 def calibrate_routers(mod, ids: torch.Tensor, kept: float) -> dict[int, float]:
     """Router biases that keep a fraction ``kept`` of ``ids``' tokens on every routed layer.
 
@@ -251,7 +280,7 @@ def calibrate_routers(mod, ids: torch.Tensor, kept: float) -> dict[int, float]:
                 raw = F.linear(inputs[0].float(), router.weight.float()).flatten()
                 q = torch.quantile(raw.double(), 1.0 - kept).item() if kept < 1.0 else -1e4
                 router.bias.fill_(logit_p - q + 1e-6 * abs(q))
-                biases[index] = float(router.bias)
+                biases[index] = router.bias.detach().item()
 
         return hook
 
@@ -662,6 +691,10 @@ def main(argv: list[str] | None = None) -> int:
     for kept in args.kept:
         biases = calibrate_routers(mod, calib, kept)
         variants.append(Variant(f"kept {kept:g}", "calibrated", mod, dense, biases, kept))
+    if args.save_calibrated:
+        set_biases(mod, variants[0].biases)
+        save_export(mod, tok, Path(args.save_calibrated))
+        print(f"wrote {args.save_calibrated} (kept {args.kept[0]:g})", file=sys.stderr)
     from transformers import AutoModelForCausalLM
 
     for path in args.trained:
@@ -743,6 +776,11 @@ def main(argv: list[str] | None = None) -> int:
                 k: v for k, v in vars(args).items() if k not in ("out_dir", "no_plot", "gguf")
             },
             "rounds_completed": rounds_done,
+            "calibrated_biases": {
+                f"{v.target_kept:g}": {str(k): b for k, b in v.biases.items()}
+                for v in variants
+                if v.biases is not None
+            },
             "routed_layers": mod.config.mod_routed_layers,
             "num_layers": dense.config.num_hidden_layers,
             "weights_bytes": weights,

@@ -174,6 +174,7 @@ def test_bench_inference_runs_at_tiny_size(tmp_path):
         "--model", "tiny", "--contexts", "64,96", "--batches", "1,2", "--new-tokens", "3",
         "--rounds", "1", "--kept", "0.25,1", "--calib-tokens", "256", "--threads", "1",
         "--trained", str(tmp_path / "trained"), "--out-dir", str(out),
+        "--save-calibrated", str(tmp_path / "calibrated"),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -184,6 +185,15 @@ def test_bench_inference_runs_at_tiny_size(tmp_path):
     rows = result["rows"]
     assert {(r["context"], r["batch"]) for r in rows} == {(64, 1), (64, 2), (96, 1), (96, 2)}
     assert {r["variant"] for r in rows} == {"kept 0.25", "kept 1", "trained trained p=0.5"}
+    # --save-calibrated wrote the first variant as an export that transformers loads.
+    from transformers import AutoModelForCausalLM
+
+    calibrated = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "calibrated", trust_remote_code=True
+    )
+    for layer, bias in result["calibrated_biases"]["0.25"].items():
+        router = calibrated.model.layers[int(layer)].router
+        assert router.bias.detach().item() == pytest.approx(bias)
     per_slot_kv = 2 * 2 * 8 * 4  # K and V, 2 KV heads x head dim 8, fp32
     for r in rows:
         if r["variant"] == "kept 1":  # bias set below every token's logit: all computed
