@@ -76,6 +76,18 @@ def _make_source(name: str, out: Path):
     return model
 
 
+def _save_tokenizer(out: Path) -> None:
+    """A word-level tokenizer over the tiny vocabulary (pad/unk 0, bos 1, eos 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="w0", pad_token="w0", bos_token="w1", eos_token="w2"
+    ).save_pretrained(out)
+
+
 @pytest.fixture(scope="module")
 def families(tmp_path_factory, mcore):
     """Per family: the HF source, its logits, and a MoD checkpoint at p = 0 (straight-through)."""
@@ -89,6 +101,7 @@ def families(tmp_path_factory, mcore):
     out = {}
     for name in FAMILIES:
         hf = _make_source(name, root / f"{name}_hf")
+        _save_tokenizer(root / f"{name}_hf")
         with torch.no_grad():
             ref = hf(tokens).logits
         convert_hf_to_megatron(
@@ -246,6 +259,56 @@ def test_families_load_under_tp_and_pp(families, tmp_path, tp, pp):
         assert result["params_checked"] > 0
         ref = families["models"][name]["ref"]
         assert (result["logits"][..., :VOCAB] - ref).abs().max() <= 1e-4, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, flags",
+    [
+        ("qwen25", ["--pipeline-model-parallel-size", "2"]),  # tied copy on the last stage
+        ("llama32", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    ],
+)
+def test_tied_families_train_the_same_under_tp_and_pp(families, tmp_path, name, flags):
+    """Continued pretraining of a tied model (Qwen2.5 with q/k/v biases, LLaMA-3.2 with llama3
+    RoPE) under PP 2 / TP 2 + SP reproduces the single-process run step by step: the shared
+    embedding's gradient is reduced between the pipeline stages that hold it."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_mod.checkpointing import load_model_checkpoint
+    from megatron_mod.config import MoDConfig
+    from megatron_mod.hf.convert import convert_hf_to_megatron
+    from tests.test_training_parallel import _pretrain
+
+    routed = MoDConfig(threshold=0.5, routed_layers="all", router_init_std=2.0, router_init_bias=0)
+    convert_hf_to_megatron(
+        families["root"] / f"{name}_hf", tmp_path / "ckpt", mod_config=routed, progress=False
+    )
+    (tmp_path / "data").mkdir()
+    prefix = str(tmp_path / "data" / "stdlib_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(200):
+        doc = torch.randint(
+            3, VOCAB, (int(torch.randint(20, 120, (1,), generator=g)),), generator=g
+        )
+        builder.add_document(torch.cat([doc, torch.tensor([2])]).to(torch.int32), [len(doc) + 1])
+    builder.finalize(prefix + ".idx")
+    ref = _pretrain(tmp_path, "single", 1, [])
+    got = _pretrain(tmp_path, "parallel", 2, flags)
+    for mine, theirs in zip(got["step_metrics"], ref["step_metrics"], strict=True):
+        assert mine["lm_loss"] == pytest.approx(theirs["lm_loss"], rel=1e-5)
+        assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)
+    trained, _ = load_model_checkpoint(tmp_path / "trained_parallel")
+    expected, _ = load_model_checkpoint(tmp_path / "trained_single")
+    assert trained.share_embeddings_and_output_weights
+    a = trained.embedding.word_embeddings.weight
+    b = expected.embedding.word_embeddings.weight
+    assert not torch.equal(
+        b, load_model_checkpoint(tmp_path / "ckpt")[0].embedding.word_embeddings.weight
+    )
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_transformers5_config_is_read(families, tmp_path):
