@@ -9,7 +9,7 @@ uninterrupted run, bit for bit (the same layout on CPU is deterministic), also u
 (DP 2, TP 2, distributed optimizer). A checkpoint saved under one layout resumes under another
 within fp32 reduction-order tolerance.
 
-The reference and every torchrun run use the device guard (``MEGATRON_MOD_DEVICE_GUARD=1``): a
+The reference and the torchrun runs use the device guard (``MEGATRON_MOD_DEVICE_GUARD=1``): a
 batch, loss mask or reduction buffer left on the host fails the run as it would on a GPU.
 """
 
@@ -73,8 +73,10 @@ class _Proc:
 def _start(cmd: list, out: Path) -> subprocess.Popen:
     """Start ``cmd`` in its own session, output to files (a killed trainer's helpers may outlive
     it, e.g. megatron-core's checkpoint-writer manager, and would hold a pipe open)."""
-    # The device guard slows each step several-fold: the reference and the torchrun runs use it.
-    guard = "--nproc_per_node=2" in " ".join(map(str, cmd)) or out.stem == "ref"
+    # The device guard slows each step several-fold: the reference and the first run of each
+    # torchrun test use it (the resumed runs execute the same code).
+    torchrun = "--nproc_per_node=2" in " ".join(map(str, cmd))
+    guard = out.stem == "ref" or (torchrun and "resumed" not in out.stem)
     with open(out.with_suffix(".out"), "w") as stdout, open(out.with_suffix(".err"), "w") as err:
         return subprocess.Popen(
             cmd, env=_env(guard), stdout=stdout, stderr=err, text=True, start_new_session=True
@@ -227,24 +229,6 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(work, reference):
     _assert_exact(resumed, reference)
 
 
-def test_nan_skip_skips_that_update_only(work, reference):
-    fault = ["--fault", "nan", "--fault-iter", "2", "--"]
-    out = _run(
-        _command(work, "nan_skip", flags=["--on-nan", "skip"], script=FAULTS, fault=fault),
-        work / "nan_skip.json",
-    ).stdout
-    steps = _steps(work / "nan_skip.json")
-    assert "skipped (non-finite)" in out
-    assert [it for it, s in steps.items() if s["skipped"]] == [2]
-    assert steps[2]["lm_loss"] != steps[2]["lm_loss"]  # NaN
-    _assert_exact({1: steps[1]}, reference)
-    # The skipped update left the weights, moments and schedule as after step 1: step 3 sees
-    # the same weights as the reference's step 2 (on other data), and the LR does not advance.
-    assert steps[3]["lr"] == reference[2]["lr"]
-    summary = json.loads((work / "nan_skip.json").read_text())
-    assert summary["skipped_iterations"] == 1
-
-
 def test_nan_stop_names_the_iteration(work):
     fault = ["--fault", "nan", "--fault-iter", "2", "--"]
     proc = _run(
@@ -266,16 +250,23 @@ def test_exit_duration_saves_and_exits_zero(work):
     assert json.loads((work / "duration.json").read_text())["exited_early"]
 
 
-def test_nan_on_one_rank_is_skipped_on_every_rank(work):
-    """DP 2, NaN on rank 1 only: rank 0's loss is finite, yet both skip iteration 2."""
+def test_nan_on_one_rank_is_skipped_on_every_rank(work, reference):
+    """DP 2, NaN in rank 1's loss only: every rank skips iteration 2's update, nothing else."""
     fault = ["--fault", "nan", "--fault-iter", "2", "--fault-rank", "1", "--"]
-    _run(
+    out = _run(
         _command(work, "nan_dp2", nproc=2, flags=["--on-nan", "skip"], script=FAULTS, fault=fault),
         work / "nan_dp2.json",
-    )
+    ).stdout
     steps = _steps(work / "nan_dp2.json")  # written by rank 0
+    assert "skipped (non-finite)" in out
     assert [it for it, s in steps.items() if s["skipped"]] == [2]
-    assert steps[3]["lr"] == steps[2]["lr"]  # the schedule did not advance on the skip
+    assert math.isnan(steps[2]["lm_loss"]) and math.isnan(steps[2]["grad_norm"])
+    assert json.loads((work / "nan_dp2.json").read_text())["skipped_iterations"] == 1
+    # Step 1 is the single-process run's (DP 2 reproduces it); the skipped update left weights,
+    # moments and schedule as after step 1: the LR does not advance, and later steps stay finite.
+    assert steps[1]["lm_loss"] == pytest.approx(reference[1]["lm_loss"], rel=1e-5)
+    assert steps[3]["lr"] == pytest.approx(reference[2]["lr"], rel=1e-6)
+    assert all(math.isfinite(steps[it]["lm_loss"]) for it in (3, 4, 5, 6))
 
 
 def test_changed_meaning_is_refused_before_any_heavy_work(work, reference):
