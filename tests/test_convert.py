@@ -537,7 +537,7 @@ def test_converter_clis_leave_every_gpu_alone_on_a_cuda_host(work, tmp_path):
     for tool, args in (
         ("convert_hf_to_megatron.py", ["--hf-dir", work["root"] / "hf", "--out-dir", ck,
                                         "--tp", "2", "--pp", "2"]),
-        ("convert_megatron_to_hf.py", ["--ckpt-dir", ck, "--out-dir", hf]),
+        ("convert_megatron_to_hf.py", ["--load", ck, "--out-dir", hf]),  # Megatron-LM's name
     ):  # fmt: skip
         cmd = [sys.executable, "-c", _FAKE_CUDA_HOST, str(REPO / "tools" / tool)]
         cmd += [str(a) for a in args] + ["--no-progress"]

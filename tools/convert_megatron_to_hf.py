@@ -17,7 +17,13 @@ import sys
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--ckpt-dir", required=True, help="megatron-mod checkpoint dir")
+    p.add_argument(
+        "--ckpt-dir",
+        "--load",
+        dest="ckpt_dir",
+        required=True,
+        help="megatron-mod checkpoint dir (--load: Megatron-LM's name for it)",
+    )
     p.add_argument("--out-dir", required=True, help="HF model dir to create")
     p.add_argument(
         "--dtype",
