@@ -783,6 +783,7 @@ def convert_hf_to_megatron(
 
         from megatron_mod.hf.gguf import gguf_to_hf
 
+        start = time.time()
         out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir.absolute().parent, prefix=".gguf-") as tmp:
             gguf_to_hf(hf_dir, Path(tmp) / "hf", dtype=None if dtype == "auto" else dtype)
@@ -791,6 +792,7 @@ def convert_hf_to_megatron(
                 seed, progress, explicit_mod_fields,
             )  # fmt: skip
         summary.source = str(hf_dir)
+        summary.seconds = time.time() - start  # dequantization included
         summary.notes.insert(0, f"GGUF {hf_dir.name} dequantized with transformers' loader")
         return summary
     return _convert_hf_dir(
