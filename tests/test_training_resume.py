@@ -150,7 +150,8 @@ def work(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(work):
     """The uninterrupted single-process run, keeping the newest two checkpoints."""
-    _run(_command(work, "ref", flags=["--keep-last", "2"]), work / "ref.json")
+    flags = ["--keep-last", "2", "--tensorboard-dir", str(work / "tb")]
+    _run(_command(work, "ref", flags=flags), work / "ref.json")
     return _steps(work / "ref.json")
 
 
@@ -164,6 +165,27 @@ def test_reference_keeps_the_newest_checkpoints(work, reference):
     assert state["controller"]["step"] == 6 and state["controller"]["target"] == 0.35
     assert sorted(reference) == list(range(1, STEPS + 1))
     assert not any(s["skipped"] for s in reference.values())
+
+
+def test_tensorboard_has_every_scalar(work, reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(work / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {
+        "lm loss", "mod/load loss", "mod/c_eff", "grad-norm", "learning-rate", "skipped",
+        "consumed-samples", "throughput/step time (s)", "throughput/tokens per s",
+        "throughput/computed tokens per s", "validation/lm loss", "validation/ppl",
+        "validation/c_eff",
+    }  # fmt: skip
+    for layer in range(4):
+        for name in ("kept_fraction", "mean_gate", "load_loss"):
+            expected.add(f"mod/{name}/layer_{layer:02d}")
+    assert expected <= tags, expected - tags
+    loss = events.Scalars("lm loss")
+    assert [e.step for e in loss] == list(range(1, STEPS + 1))
+    assert [e.value for e in loss] == pytest.approx([reference[i]["lm_loss"] for i in reference])
 
 
 def test_kill_mid_save_and_after_a_checkpoint_then_same_command_resumes_exactly(work, reference):
