@@ -314,15 +314,25 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_torchrun_resume_is_exact(work, layout):
     flags = LAYOUTS[layout]
-    save = work / f"run_{layout}"
-    _run(_command(work, save.name, nproc=2, flags=flags), work / f"{layout}_full.json")
+    _run(_command(work, f"full_{layout}", nproc=2, flags=flags), work / f"{layout}_full.json")
     full = _steps(work / f"{layout}_full.json")
-    # Back to iteration 2, as if the job had died after saving it.
-    (save / "latest").write_text("iter_0000002\n")
-    for it in (4, 6):
-        shutil.rmtree(save / f"iter_{it:07d}")
+    save = work / f"run_{layout}"
+    if layout == "dp2_distributed_optimizer":
+        # Every rank is killed -9 in the middle of saving iteration 4 (its shard is written,
+        # nothing renamed): the job dies and the same command is launched again.
+        fault = ["--fault", "kill-mid-save", "--fault-iter", "4", "--"]
+        cmd = _command(work, save.name, nproc=2, flags=flags, script=FAULTS, fault=fault)
+        proc = _finish(_start(cmd, work / f"{layout}_killed.log"), work / f"{layout}_killed.log")
+        assert proc.returncode != 0
+        assert _latest(save) == "iter_0000002" and (save / ".tmp_iter_0000004").is_dir()
+    else:
+        # Back to iteration 2 of the finished run, as if the job had died after saving it.
+        shutil.copytree(work / f"full_{layout}", save)
+        (save / "latest").write_text("iter_0000002\n")
+        for it in (4, 6):
+            shutil.rmtree(save / f"iter_{it:07d}")
     out = _run(_command(work, save.name, nproc=2, flags=flags), work / f"{layout}_resumed.json")
-    assert "resuming from" in out.stdout
+    assert f"resuming from {save / 'iter_0000002'}" in out.stdout
     resumed = _steps(work / f"{layout}_resumed.json")
     assert sorted(resumed) == [3, 4, 5, 6]
     _assert_exact(resumed, full)
