@@ -6,8 +6,8 @@ interrupts a run in a way a cluster does (kill -9 after a checkpoint or in the m
 writing one, SIGTERM, a NaN) and re-runs the identical command: the continued run must log the
 same per-step LM loss, load loss, gradient norm, learning rate and kept fractions as the
 uninterrupted run, bit for bit (the same layout on CPU is deterministic), also under torchrun
-(DP 2, TP 2, distributed optimizer). A checkpoint saved under one layout resumes under another
-within fp32 reduction-order tolerance.
+(DP 2, TP 2, distributed optimizer with bf16). A checkpoint saved under one layout resumes
+under another within fp32 reduction-order tolerance.
 
 The reference and the torchrun runs use the device guard (``MEGATRON_MOD_DEVICE_GUARD=1``): a
 batch, loss mask or reduction buffer left on the host fails the run as it would on a GPU.
@@ -307,7 +307,8 @@ def test_changed_meaning_is_refused_before_any_heavy_work(work, reference):
 LAYOUTS = {
     "dp2": [],
     "tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-    "dp2_distributed_optimizer": ["--use-distributed-optimizer"],
+    # bf16 weights with fp32 routers: one optimizer param group mixes both dtypes.
+    "dp2_distributed_optimizer_bf16": ["--use-distributed-optimizer", "--bf16"],
 }
 
 
@@ -317,7 +318,7 @@ def test_torchrun_resume_is_exact(work, layout):
     _run(_command(work, f"full_{layout}", nproc=2, flags=flags), work / f"{layout}_full.json")
     full = _steps(work / f"{layout}_full.json")
     save = work / f"run_{layout}"
-    if layout == "dp2_distributed_optimizer":
+    if layout == "dp2_distributed_optimizer_bf16":
         # Every rank is killed -9 in the middle of saving iteration 4 (its shard is written,
         # nothing renamed): the job dies and the same command is launched again.
         fault = ["--fault", "kill-mid-save", "--fault-iter", "4", "--"]

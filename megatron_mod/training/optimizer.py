@@ -72,6 +72,7 @@ def setup_model_and_optimizer(model: torch.nn.Module, cfg: TrainConfig):
         ),
         [ddp_model],
     )
+    _fix_distributed_optimizer_index_maps(optimizer)
     # The schedule calls these: gradient reduction after the last micro-batch, no gradient sync
     # between micro-batches of one step, and the loss scale (1.0 without fp16).
     config.finalize_model_grads_func = finalize_model_grads
@@ -131,3 +132,24 @@ def clip_and_step(optimizer, grad_norm: float) -> bool:
                 ),
             )
     return optimizer.step_with_ready_grads()
+
+
+def _fix_distributed_optimizer_index_maps(optimizer) -> None:
+    """Point each parameter at its own optimizer state in the distributed optimizer's map.
+
+    megatron-core's ``DistributedOptimizer`` numbers the parameters of a param group in
+    gradient-buffer order, but orders the group's main parameters fp32 first, then the fp32
+    copies of bf16 parameters. A MoD model mixes both in one group (fp32 routers in a bf16
+    model), so the two orders differ and its checkpoint code, which goes through this map,
+    would pair parameters with other parameters' states. Rebuilt here in the group's order.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or not hasattr(opt, "model_fp32_groups"):
+            continue
+        for group_index, (fp32, float16) in enumerate(
+            zip(opt.model_fp32_groups, opt.model_float16_groups, strict=True)
+        ):
+            for order, param in enumerate([*fp32, *float16]):
+                opt.model_param_group_index_map[param] = (group_index, order)
