@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-docs", type=int, default=50)
     args = p.parse_args(argv)
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    # The export's config.json names its remote model code; without the flag the tokenizer's
+    # config lookup stops to ask on a terminal (transformers 5).
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True)
     model.eval()
     print(

