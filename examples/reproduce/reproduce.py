@@ -93,6 +93,9 @@ class Budget:
     fixed_alpha: float  # load-loss coefficient when the trainer has no compute target
     alpha: float  # configured alpha under the controller (it scales this one)
     router_lr_mult: float | None
+    # Router bias at conversion. 0.5 (g ~ 0.62 >= p: every token kept at the start) instead of
+    # the paper's +2: Adam moves a bias by about lr per step, so +2 takes far more steps than
+    # these budgets to reach p (measured on SmolLM2: no routed layer moved in 60 steps).
     router_init_bias: float
     threshold: float
     device: str = "cpu"
@@ -128,7 +131,7 @@ BUDGETS = {
         fixed_alpha=0.5,
         alpha=0.01,
         router_lr_mult=10.0,
-        router_init_bias=1.0,
+        router_init_bias=0.5,
         threshold=0.5,
     ),
     "gpu": Budget(
@@ -151,7 +154,7 @@ BUDGETS = {
         fixed_alpha=0.5,
         alpha=0.01,
         router_lr_mult=10.0,
-        router_init_bias=1.0,
+        router_init_bias=0.5,
         threshold=0.5,
         device="cuda",
         bf16=True,
@@ -198,6 +201,10 @@ BUDGETS = {
 
 class ReproduceError(RuntimeError):
     """A step failed; the message says which and where its log is."""
+
+
+class StoppedEarly(ReproduceError):
+    """Training stopped before its last step (time limit or SIGTERM) after saving a checkpoint."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -353,6 +360,7 @@ class Context:
     flags: set
     windows: dict  # source name -> token windows
     tokens_speed: object  # [1, speed_context] prompt
+    exit_minutes: float | None = None  # stop each training run after this long (resumable)
 
 
 def topk_capacity(c_eff: float, num_layers: int, num_routed: int) -> float:
@@ -442,7 +450,17 @@ def train_variant(
     log(f"   train ({'resuming' if resumed else 'from the converted model'}) -> {trained}; "
         f"log {logs}")  # fmt: skip
     t0 = time.perf_counter()
+    if ctx.exit_minutes is not None:
+        train = [*train, "--exit-duration-in-mins", str(ctx.exit_minutes)]
+    if "--exit-signal-handler" in ctx.flags:  # SIGTERM: save, stop, resumable like a time limit
+        train = [*train, "--exit-signal-handler"]
     run_cli(REPO / "tools" / "pretrain_mod.py", _train_argv(ctx, ckpt, trained, train), logs)
+    summary = json.loads((vdir / "train_summary.json").read_text())
+    if summary.get("exited_early"):
+        raise StoppedEarly(
+            f"{name}: training stopped at iteration {summary.get('last_iteration')} of "
+            f"{summary.get('train_iters')} (time limit or signal); its checkpoint is saved"
+        )
     log(f"   trained in {time.perf_counter() - t0:.0f} s")
     argv = ["--ckpt-dir", str(trained), "--out-dir", str(hf_out), "--overwrite", "--no-progress"]
     if export_cli.main(argv + (["--dense"] if dense else [])) != 0:
@@ -643,8 +661,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "benchmarks/results; --budget tiny: the work dir)")  # fmt: skip
     p.add_argument("--only", default=None, help="comma list of variants to run (default: all)")
     p.add_argument("--train-iters", type=int, default=None, help="override the profile's steps")
+    p.add_argument(
+        "--exit-duration-in-mins",
+        type=float,
+        default=None,
+        help="stop a variant's training after this many minutes (checkpoint saved, exit 3);\n"
+        "re-running continues it: a long budget in slices on a shared machine",
+    )
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = p.parse_args(argv)
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
+        p.error("--exit-duration-in-mins must be > 0")
     names = ["base", *VARIANTS]
     if args.only:
         wanted = [x.strip() for x in args.only.split(",") if x.strip()]
@@ -671,6 +698,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         return _run(args, budget, work, start)
+    except StoppedEarly as err:
+        print(f"stopped: {err}\nre-run the same command to continue", file=sys.stderr)
+        return 3
     except ReproduceError as err:
         print(f"error: {err}\nre-run the same command to resume", file=sys.stderr)
         return 1
@@ -691,7 +721,7 @@ def _run(args, budget: Budget, work: Path, start: float) -> int:
         "other": measure.token_windows(tok, other, budget.eval_seq_length, budget.eval_windows),
     }
     speed_ids = measure.token_windows(tok, heldout + other, budget.speed_context, 1)
-    ctx = Context(work, budget, info, flags, windows, speed_ids)
+    ctx = Context(work, budget, info, flags, windows, speed_ids, args.exit_duration_in_mins)
     log(f"budget {args.budget}: {budget.train_iters} steps x "
         f"{budget.seq_length * budget.micro_batch_size} tokens = {budget.tokens_per_variant} "
         f"tokens per trained variant; work dir {work}")  # fmt: skip
