@@ -137,9 +137,9 @@ def baseline_rss() -> int:
     code = (
         "import time, megatron_mod.hf.convert, transformers\n"
         "from megatron_mod import platform; platform.initialize()\n"
-        "from megatron_mod.hf.convert import _peak_rss_bytes\n"
+        "from megatron_mod.hf.io import peak_rss_bytes\n"
         "time.sleep(0.3)\n"
-        "print(_peak_rss_bytes())\n"
+        "print(peak_rss_bytes())\n"
     )
     run = run_measured([sys.executable, "-c", code])
     return max(int(run["stdout"].split()[-1]), run["peak_rss_bytes"])

@@ -243,7 +243,8 @@ def save_export(mod, tok, out: Path) -> None:
     modeling files, tokenizer), renamed into place when complete."""
     import shutil
 
-    from megatron_mod.hf.convert import HF_MODELING_FILES, MOD_AUTO_MAP
+    from megatron_mod.hf.config import MOD_AUTO_MAP
+    from megatron_mod.hf.convert import HF_MODELING_FILES
 
     if out.exists():
         raise SystemExit(f"--save-calibrated {out}: already exists; choose a new directory")

@@ -202,7 +202,7 @@ def test_mapping_covers_every_megatron_parameter(mcore):
 
 
 def test_metadata_for_preset_and_custom_shapes(mcore):
-    from megatron_mod.hf.convert import hf_config_to_metadata
+    from megatron_mod.hf.config import hf_config_to_metadata
 
     base = dict(architectures=["LlamaForCausalLM"], num_hidden_layers=32, hidden_size=4096)
     base.update(num_attention_heads=32, intermediate_size=11008, vocab_size=32000)
@@ -247,7 +247,7 @@ def test_real_model_configs_detect_preset_and_match_the_model(mcore, preset, tp,
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     from megatron_mod.checkpointing import build_model_from_metadata, model_sharded_state_dict
-    from megatron_mod.hf.convert import hf_config_to_metadata
+    from megatron_mod.hf.config import hf_config_to_metadata
 
     config = dict(
         _REAL_CONFIGS[preset],
@@ -285,7 +285,8 @@ def test_real_model_configs_detect_preset_and_match_the_model(mcore, preset, tp,
     ],
 )
 def test_real_model_configs_refuse_bad_layouts(preset, tp, pp, match):
-    from megatron_mod.hf.convert import ConversionError, hf_config_to_metadata
+    from megatron_mod.hf.config import hf_config_to_metadata
+    from megatron_mod.hf.io import ConversionError
 
     config = dict(_REAL_CONFIGS[preset], architectures=["LlamaForCausalLM"])
     with pytest.raises(ConversionError, match=match):
@@ -376,7 +377,8 @@ def test_dense_export_reloads_as_stock_llama(work):
 def test_mod_export_layout(work):
     from safetensors import safe_open
 
-    from megatron_mod.hf.convert import MOD_AUTO_MAP, convert_megatron_to_hf
+    from megatron_mod.hf.config import MOD_AUTO_MAP
+    from megatron_mod.hf.convert import convert_megatron_to_hf
 
     out = work["root"] / "hf_mod_bf16"
     convert_megatron_to_hf(work["root"] / "ck_routed", out, dtype="bf16", progress=False)
@@ -683,7 +685,8 @@ def _assert_nothing_written(out: Path):
     ],
 )
 def test_bad_input_is_refused_before_writing(work, tmp_path, case, kwargs, match):
-    from megatron_mod.hf.convert import ConversionError, convert_hf_to_megatron
+    from megatron_mod.hf.convert import convert_hf_to_megatron
+    from megatron_mod.hf.io import ConversionError
 
     edits = {
         "missing": dict(edit_tensors=lambda t: t.pop("model.layers.2.mlp.up_proj.weight")),
@@ -790,11 +793,8 @@ def test_overwrite_replaces_output(work, tmp_path):
 )
 def test_export_bad_checkpoint_is_refused_before_writing(work, tmp_path, routed, edit, match):
     """A config that does not describe the stored tensors fails before the export writes."""
-    from megatron_mod.hf.convert import (
-        ConversionError,
-        convert_hf_to_megatron,
-        convert_megatron_to_hf,
-    )
+    from megatron_mod.hf.convert import convert_hf_to_megatron, convert_megatron_to_hf
+    from megatron_mod.hf.io import ConversionError
 
     ck = tmp_path / "ck"
     mod = MoDConfig(routed_layers=routed)

@@ -314,7 +314,7 @@ def test_tied_families_train_the_same_under_tp_and_pp(families, tmp_path, name, 
 def test_transformers5_config_is_read(families, tmp_path):
     """A config.json in transformers 5's form (rope_parameters, no rope_theta/rope_scaling)
     converts to the same model."""
-    from megatron_mod.hf.convert import hf_config_to_metadata
+    from megatron_mod.hf.config import hf_config_to_metadata
 
     src = families["root"] / "llama31_hf"
     config = json.loads((src / "config.json").read_text())
@@ -333,7 +333,7 @@ def test_transformers5_config_is_read(families, tmp_path):
 
 def test_bin_shards_are_loaded_once_each(families, tmp_path):
     """A pytorch_model-*.bin source is read shard by shard, each shard loaded once."""
-    from megatron_mod.hf.convert import HFCheckpointReader
+    from megatron_mod.hf.io import HFCheckpointReader
     from megatron_mod.hf.mapping import param_mappings
 
     hf = families["models"]["llama2"]["hf"]

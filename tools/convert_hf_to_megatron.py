@@ -63,7 +63,8 @@ def explicit_mod_fields(argv=None) -> set[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_mod.config import MoDConfig
-    from megatron_mod.hf.convert import ConversionError, convert_hf_to_megatron
+    from megatron_mod.hf.convert import convert_hf_to_megatron
+    from megatron_mod.hf.io import ConversionError
 
     try:
         mod_config = None if args.dense else MoDConfig.from_cli_args(args)

@@ -41,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_mod.hf.convert import ConversionError, convert_megatron_to_hf
+    from megatron_mod.hf.convert import convert_megatron_to_hf
+    from megatron_mod.hf.io import ConversionError
 
     try:
         summary = convert_megatron_to_hf(

@@ -33,8 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_mod.hf.convert import ConversionError
     from megatron_mod.hf.gguf import gguf_to_hf
+    from megatron_mod.hf.io import ConversionError
 
     try:
         config = gguf_to_hf(args.gguf, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)

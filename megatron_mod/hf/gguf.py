@@ -47,7 +47,7 @@ def gguf_to_hf(
         ConversionError: missing file or packages, a non-empty ``out_dir``, or a GGUF
             architecture transformers cannot load.
     """
-    from megatron_mod.hf.convert import ConversionError, check_output_dir
+    from megatron_mod.hf.io import ConversionError, check_output_dir
 
     gguf_file, out_dir = Path(gguf_file), Path(out_dir)
     if not gguf_file.is_file():

@@ -26,7 +26,7 @@ def _check_weights(model, metadata, hf_dir: str, routers: dict) -> int:
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from megatron_mod.hf.convert import HFCheckpointReader
+    from megatron_mod.hf.io import HFCheckpointReader
     from megatron_mod.hf.mapping import canonical_megatron_name, param_mappings, tp_shard
 
     dims = metadata.dims()
