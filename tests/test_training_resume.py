@@ -7,7 +7,7 @@ writing one, SIGTERM, a NaN) and re-runs the identical command: the continued ru
 same per-step LM loss, load loss, gradient norm, learning rate and kept fractions as the
 uninterrupted run, bit for bit (the same layout on CPU is deterministic), also under torchrun
 (DP 2, TP 2, distributed optimizer with bf16). A checkpoint saved under one layout resumes
-under another within fp32 reduction-order tolerance.
+under another (one process -> TP 2, DP 2 -> PP 2) within fp32 reduction-order tolerance.
 
 The reference and the torchrun runs use the device guard (``MEGATRON_MOD_DEVICE_GUARD=1``): a
 batch, loss mask or reduction buffer left on the host fails the run as it would on a GPU.
@@ -312,11 +312,25 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def full_runs(work):
+    """Uninterrupted torchrun runs, one per layout, made on first use."""
+    done = {}
+
+    def get(layout: str) -> dict[int, dict]:
+        if layout not in done:
+            cmd = _command(work, f"full_{layout}", nproc=2, flags=LAYOUTS[layout])
+            _run(cmd, work / f"{layout}_full.json")
+            done[layout] = _steps(work / f"{layout}_full.json")
+        return done[layout]
+
+    return get
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_torchrun_resume_is_exact(work, layout):
+def test_torchrun_resume_is_exact(work, layout, full_runs):
     flags = LAYOUTS[layout]
-    _run(_command(work, f"full_{layout}", nproc=2, flags=flags), work / f"{layout}_full.json")
-    full = _steps(work / f"{layout}_full.json")
+    full = full_runs(layout)
     save = work / f"run_{layout}"
     if layout == "dp2_distributed_optimizer_bf16":
         # Every rank is killed -9 in the middle of saving iteration 4 (its shard is written,
@@ -339,23 +353,32 @@ def test_torchrun_resume_is_exact(work, layout):
     _assert_exact(resumed, full)
 
 
-def test_resume_under_another_layout(work, reference):
-    """The single-process checkpoint of iteration 4 continues under TP 2 + SP."""
-    save = work / "relayout"
-    shutil.copytree(work / "ref", save)
+RELAYOUTS = {
+    # saved by -> resumed under
+    "single_to_tp2": ("ref", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "dp2_to_pp2": ("full_dp2", ["--pipeline-model-parallel-size", "2"]),
+}
+
+
+@pytest.mark.parametrize("case", list(RELAYOUTS))
+def test_resume_under_another_layout(work, reference, full_runs, case):
+    """Iteration 4 of one layout's run continues under another within fp32 tolerance."""
+    source, flags = RELAYOUTS[case]
+    expected = reference if source == "ref" else full_runs("dp2")
+    save = work / f"relayout_{case}"
+    shutil.copytree(work / source, save)
     (save / "latest").write_text("iter_0000004\n")
     shutil.rmtree(save / "iter_0000006")
-    flags = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
-    out = _run(_command(work, save.name, nproc=2, flags=flags), work / "relayout.json").stdout
-    assert "resuming from" in out and "TP 2" in out
-    resumed = _steps(work / "relayout.json")
+    out = _run(_command(work, save.name, nproc=2, flags=flags), work / f"{case}.json").stdout
+    assert f"resuming from {save / 'iter_0000004'}" in out
+    resumed = _steps(work / f"{case}.json")
     assert sorted(resumed) == [5, 6]
     for it, step in resumed.items():
-        assert step["lm_loss"] == pytest.approx(reference[it]["lm_loss"], rel=1e-5)
-        assert step["load_loss"] == pytest.approx(reference[it]["load_loss"], rel=1e-5)
-        assert step["grad_norm"] == pytest.approx(reference[it]["grad_norm"], rel=1e-4)
-        assert step["lr"] == pytest.approx(reference[it]["lr"], rel=1e-6)
-        assert step["kept_fraction"] == pytest.approx(reference[it]["kept_fraction"], abs=1e-6)
+        assert step["lm_loss"] == pytest.approx(expected[it]["lm_loss"], rel=1e-5)
+        assert step["load_loss"] == pytest.approx(expected[it]["load_loss"], rel=1e-5)
+        assert step["grad_norm"] == pytest.approx(expected[it]["grad_norm"], rel=1e-4)
+        assert step["lr"] == pytest.approx(expected[it]["lr"], rel=1e-6)
+        assert step["kept_fraction"] == pytest.approx(expected[it]["kept_fraction"], abs=1e-6)
 
 
 # ------------------------------------------------------------------------------ evaluation
