@@ -132,6 +132,10 @@ def test_reproduce_tiny_runs_every_variant_and_resumes(tmp_path):
     assert rerun["e_dense"]["loss_in_domain"] == pytest.approx(
         rows["e_dense"]["loss_in_domain"], abs=1e-4
     )
+    # One budget per work dir: another step count is refused, nothing is retrained.
+    other = _run(work, "--train-iters", "5")
+    assert other.returncode == 1 and "train_iters differ" in other.stderr
+    assert "done before" not in other.stdout
 
 
 def test_quickstart_refuses_an_unknown_base(tmp_path):

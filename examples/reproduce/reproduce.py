@@ -235,8 +235,10 @@ def run_cli(script: Path, argv: list[str], log_file: Path) -> None:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
     if proc.returncode != 0:
         tail = log_file.read_text(errors="replace")[-3000:]
-        raise ReproduceError(f"{script.name} failed (exit {proc.returncode}); log {log_file}:\n"
-                             f"{tail}")  # fmt: skip
+        raise ReproduceError(
+            f"{script.name} failed (exit {proc.returncode}); log {log_file}:\n{tail}\n"
+            f"(finished variants are kept: fix the cause and re-run the same command)"
+        )
 
 
 def trainer_flags() -> set[str]:
@@ -702,13 +704,27 @@ def main(argv=None) -> int:
         print(f"stopped: {err}\nre-run the same command to continue", file=sys.stderr)
         return 3
     except ReproduceError as err:
-        print(f"error: {err}\nre-run the same command to resume", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 1
 
 
 def _run(args, budget: Budget, work: Path, start: float) -> int:
     from transformers import AutoTokenizer
 
+    # Every variant of one work dir must share the budget: refuse a changed one.
+    settings = {"budget": args.budget, **asdict(budget)}
+    settings["tiny_base_args"] = list(budget.tiny_base_args)
+    stored = work / "budget.json"
+    if stored.is_file():
+        before = json.loads(stored.read_text())
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if changed:
+            raise ReproduceError(
+                f"{work} holds a run with other settings ({', '.join(changed)} differ, see "
+                f"{stored}); use another --work or the same --budget/--train-iters"
+            )
+    else:
+        write_json_atomic(stored, settings)
     flags = trainer_flags()
     info = prepare(work, budget)
     tok = AutoTokenizer.from_pretrained(work / "base")
