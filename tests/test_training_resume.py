@@ -291,6 +291,21 @@ def test_nan_on_one_rank_is_skipped_on_every_rank(work, reference):
     assert all(math.isfinite(steps[it]["lm_loss"]) for it in (3, 4, 5, 6))
 
 
+def test_routers_only_training_changes_only_the_routers(work, mcore):
+    from megatron_mod.checkpointing import load_model_checkpoint
+
+    flags = ["--mod-train-routers-only", "--mod-router-lr-mult", "10", "--train-iters", "2"]
+    out = _run(_command(work, "routers_only", flags=flags), work / "routers_only.json").stdout
+    assert " iteration     2/2 | " in out and "lr 1.00e-02" in out  # 10 x --lr after warmup
+    before = dict(load_model_checkpoint(work / "ckpt")[0].named_parameters())
+    changed = {
+        name
+        for name, param in load_model_checkpoint(work / "routers_only")[0].named_parameters()
+        if not param.detach().equal(before[name].detach())
+    }
+    assert changed and all(".router." in name for name in changed), sorted(changed)
+
+
 def test_changed_meaning_is_refused_before_any_heavy_work(work, reference):
     start = time.perf_counter()
     proc = _run(

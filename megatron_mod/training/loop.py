@@ -77,6 +77,10 @@ class TrainConfig:
     """Shard optimizer state over data-parallel ranks (megatron-core DistributedOptimizer)."""
     overlap_grad_reduce: bool = False
     """Overlap the data-parallel gradient reduction with the backward pass (GPU runs)."""
+    router_lr_mult: float = 1.0
+    """The routers' peak and final learning rates are this multiple of ``lr`` / ``min_lr``."""
+    train_routers_only: bool = False
+    """Freeze everything but the routers (the Router-Tuning baseline)."""
     on_nan: str = "stop"
     """A non-finite LM loss or gradient norm: ``skip`` the update or ``stop`` with an error."""
     exit_signal_handler: bool = False
@@ -102,6 +106,8 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.lr_decay_style {self.lr_decay_style!r}: use one of {LR_DECAY_STYLES}"
             )
+        if self.router_lr_mult <= 0:
+            raise ValueError(f"TrainConfig.router_lr_mult must be > 0, got {self.router_lr_mult}")
         if self.on_nan not in ON_NAN_CHOICES:
             raise ValueError(f"TrainConfig.on_nan {self.on_nan!r}: use one of {ON_NAN_CHOICES}")
         if self.exit_duration_in_mins is not None and self.exit_duration_in_mins <= 0:

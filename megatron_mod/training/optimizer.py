@@ -46,17 +46,21 @@ def setup_model_and_optimizer(model: torch.nn.Module, cfg: TrainConfig):
         DistributedDataParallelConfig,
         finalize_model_grads,
     )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from megatron_mod.training.param_groups import build_megatron_optimizer, freeze_all_but_routers
+
     config = model.config
+    if cfg.train_routers_only:
+        freeze_all_but_routers(model)  # before DDP: it and the optimizer take trainable ones
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cfg.overlap_grad_reduce,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
     ddp_model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
-    optimizer = get_megatron_optimizer(
+    optimizer = build_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
             lr=cfg.lr,
@@ -71,6 +75,7 @@ def setup_model_and_optimizer(model: torch.nn.Module, cfg: TrainConfig):
             use_distributed_optimizer=cfg.use_distributed_optimizer,
         ),
         [ddp_model],
+        router_lr_mult=cfg.router_lr_mult,
     )
     _fix_distributed_optimizer_index_maps(optimizer)
     # The schedule calls these: gradient reduction after the last micro-batch, no gradient sync

@@ -73,6 +73,8 @@ MEANING_CHANGING_ARGS = (
     *(f"mod_{f}" for f in _OVERRIDABLE_MOD_FIELDS),
     "mod_target_compute",
     "mod_target_warmup_steps",
+    "mod_router_lr_mult",
+    "mod_train_routers_only",
 )
 
 
@@ -225,6 +227,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "layers) reaches this target (megatron_mod.training.controller)",
     )
     g.add_argument(
+        "--mod-router-lr-mult",
+        type=float,
+        default=1.0,
+        help="the routers' learning rates (peak and final) are this multiple of --lr/--min-lr",
+    )
+    g.add_argument(
+        "--mod-train-routers-only",
+        action="store_true",
+        help="train the routers only, the base model frozen (Router-Tuning)",
+    )
+    g.add_argument(
         "--mod-target-warmup-steps",
         type=int,
         default=50,
@@ -243,6 +256,8 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.mod_router_lr_mult <= 0:
+        parser.error("--mod-router-lr-mult must be > 0")
     if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
         parser.error("--exit-duration-in-mins must be > 0")
     if args.recompute_granularity == "full":
@@ -532,6 +547,8 @@ def pretrain(args: argparse.Namespace) -> dict:
         clip_grad=args.clip_grad,
         use_distributed_optimizer=args.use_distributed_optimizer,
         overlap_grad_reduce=args.overlap_grad_reduce,
+        router_lr_mult=args.mod_router_lr_mult,
+        train_routers_only=args.mod_train_routers_only,
         on_nan=args.on_nan,
         exit_signal_handler=args.exit_signal_handler,
         exit_duration_in_mins=args.exit_duration_in_mins,
