@@ -112,6 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-tokens", type=int, default=1024, help="tokens to calibrate routers on")
     p.add_argument("--contexts", default="512,1024,2048,4096", help="prompt lengths (tokens)")
     p.add_argument("--batches", default="1,4", help="batch sizes")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=0,
+        help="skip (context, batch) pairs whose context x batch exceeds this (0: none skipped)",
+    )
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps per run")
     p.add_argument("--rounds", type=int, default=2, help="timed rounds (median reported)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run")
@@ -682,7 +688,15 @@ def main(argv: list[str] | None = None) -> int:
     dense = dense.to(device=args.device, dtype=dtype)
     vocab = dense.config.vocab_size
     calib_len = args.calib_tokens
-    needed = calib_len + max(args.batches) * max(args.contexts)
+    configs = [
+        (ctx, batch)
+        for ctx in args.contexts
+        for batch in args.batches
+        if not args.max_tokens or ctx * batch <= args.max_tokens
+    ]
+    if not configs:
+        raise SystemExit(f"--max-tokens {args.max_tokens} leaves no (context, batch) pair")
+    needed = calib_len + max(ctx * batch for ctx, batch in configs)
     tokens = prompt_tokens(tok, vocab, needed, args.seed).to(args.device)
     calib = tokens[:calib_len][None]
     prompts = tokens[calib_len:]
@@ -758,16 +772,13 @@ def main(argv: list[str] | None = None) -> int:
         """Rows from the rounds done so far: written after every round, so that a long run
         stopped early still leaves its results."""
         rows = []
-        for ctx in args.contexts:
-            for batch in args.batches:
-                for vi, v in enumerate(variants):
-                    dense_runs = runs[(ctx, batch, "dense", dense_index[id(v.dense)])]
-                    mod_runs = runs[(ctx, batch, "mod", vi)]
-                    rows.append(
-                        summarize(
-                            v, ctx, batch, dense_runs, mod_runs, weights, head_fraction(v.mod)
-                        )
-                    )
+        for ctx, batch in configs:
+            for vi, v in enumerate(variants):
+                dense_runs = runs[(ctx, batch, "dense", dense_index[id(v.dense)])]
+                mod_runs = runs[(ctx, batch, "mod", vi)]
+                rows.append(
+                    summarize(v, ctx, batch, dense_runs, mod_runs, weights, head_fraction(v.mod))
+                )
         result = {
             "benchmark": "bench_inference",
             "model": model_name,
@@ -807,25 +818,24 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {out_dir / f'{stem}.png'}")
 
     for rnd in range(args.rounds):
-        for ctx in args.contexts:
-            for batch in args.batches:
-                ids = prompts[: batch * ctx].view(batch, ctx)
-                for kind, index, item in schedule if rnd % 2 == 0 else schedule[::-1]:
-                    if kind == "dense":
-                        run = run_once(item, ids, args.new_tokens, False, mem)
-                    else:
-                        if item.biases is not None:
-                            set_biases(item.mod, item.biases)
-                        run = run_once(item.mod, ids, args.new_tokens, True, mem)
-                    runs.setdefault((ctx, batch, kind, index), []).append(run)
-                    name = "dense" if kind == "dense" else item.name
-                    print(
-                        f"round {rnd} ctx {ctx} batch {batch} {name}: prefill "
-                        f"{run.prefill_s:.3f} s, decode {run.decode_ms_per_token:.1f} ms/token, "
-                        f"peak +{run.peak_added / 2**20:.0f} MiB",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+        for ctx, batch in configs:
+            ids = prompts[: batch * ctx].view(batch, ctx)
+            for kind, index, item in schedule if rnd % 2 == 0 else schedule[::-1]:
+                if kind == "dense":
+                    run = run_once(item, ids, args.new_tokens, False, mem)
+                else:
+                    if item.biases is not None:
+                        set_biases(item.mod, item.biases)
+                    run = run_once(item.mod, ids, args.new_tokens, True, mem)
+                runs.setdefault((ctx, batch, kind, index), []).append(run)
+                name = "dense" if kind == "dense" else item.name
+                print(
+                    f"round {rnd} ctx {ctx} batch {batch} {name}: prefill "
+                    f"{run.prefill_s:.3f} s, decode {run.decode_ms_per_token:.1f} ms/token, "
+                    f"peak +{run.peak_added / 2**20:.0f} MiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
         report(rnd + 1, final=rnd + 1 == args.rounds)
     return 0
 
