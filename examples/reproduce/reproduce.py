@@ -97,6 +97,12 @@ class Budget:
     # the paper's +2: Adam moves a bias by about lr per step, so +2 takes far more steps than
     # these budgets to reach p (measured on SmolLM2: no routed layer moved in 60 steps).
     router_init_bias: float
+    # Router weights at conversion: 0, so that every token starts kept. With random weights
+    # (std 0.02 per unit RMS of h) the first token of a sequence, whose hidden state carries
+    # SmolLM2's massive activations, gets an extreme logit: measured on a converted SmolLM2 at
+    # p = 0.5, the only skipped tokens were position 0 in 4 of 15 routed layers, costing
+    # +0.14 nats of held-out loss before any training.
+    router_init_std: float
     threshold: float
     device: str = "cpu"
     bf16: bool = False
@@ -132,6 +138,7 @@ BUDGETS = {
         alpha=0.01,
         router_lr_mult=10.0,
         router_init_bias=0.5,
+        router_init_std=0.0,
         threshold=0.5,
     ),
     "gpu": Budget(
@@ -155,6 +162,7 @@ BUDGETS = {
         alpha=0.01,
         router_lr_mult=10.0,
         router_init_bias=0.5,
+        router_init_std=0.0,
         threshold=0.5,
         device="cuda",
         bf16=True,
@@ -181,6 +189,7 @@ BUDGETS = {
         alpha=0.1,
         router_lr_mult=None,
         router_init_bias=0.5,
+        router_init_std=0.0,
         threshold=0.5,
         tiny_base_steps=40,
         tiny_base_args=(
@@ -395,9 +404,11 @@ def routed_settings(ctx: Context, routers_only: bool) -> tuple[list[str], list[s
     b = ctx.budget
     convert = ["--mod-routing", "threshold", "--mod-threshold", str(b.threshold),
                "--mod-gate", "straight_through", "--mod-routed-layers", "every_other",
-               "--mod-router-init-bias", str(b.router_init_bias)]  # fmt: skip
+               "--mod-router-init-bias", str(b.router_init_bias),
+               "--mod-router-init-std", str(b.router_init_std)]  # fmt: skip
     settings = {"routing": "threshold", "threshold": b.threshold, "gate": "straight_through",
-                "routed_layers": "every_other", "router_init_bias": b.router_init_bias}  # fmt: skip
+                "routed_layers": "every_other", "router_init_bias": b.router_init_bias,
+                "router_init_std": b.router_init_std}  # fmt: skip
     if "--mod-target-compute" in ctx.flags:
         train = ["--mod-load-loss-coeff", str(b.alpha), "--mod-target-compute",
                  str(b.target_compute)]  # fmt: skip
@@ -523,7 +534,8 @@ def run_variant(ctx: Context, name: str, results: dict) -> dict:
         cap = topk_capacity(a_ceff, layers, routed)
         convert = ["--mod-routing", "topk", "--mod-capacity", f"{cap:.4f}",
                    "--mod-gate", "straight_through", "--mod-routed-layers", "every_other",
-                   "--mod-router-init-bias", str(b.router_init_bias)]  # fmt: skip
+                   "--mod-router-init-bias", str(b.router_init_bias),
+                   "--mod-router-init-std", str(b.router_init_std)]  # fmt: skip
         # The capacity fixes the compute; the load-reducing loss belongs to threshold routing.
         train = ["--mod-load-loss-coeff", "0"]
         if b.router_lr_mult is not None and "--mod-router-lr-mult" in ctx.flags:
@@ -531,7 +543,8 @@ def run_variant(ctx: Context, name: str, results: dict) -> dict:
         hf = train_variant(ctx, name, base, convert, train, dense=False)
         record["settings"] = {"routing": "topk", "capacity": round(cap, 4), "gate":
                               "straight_through", "routed_layers": "every_other",
-                              "load_loss_coeff": 0.0, "target_c_eff": a_ceff}  # fmt: skip
+                              "load_loss_coeff": 0.0, "target_c_eff": a_ceff,
+                              "router_init_std": b.router_init_std}  # fmt: skip
     elif name == "c_shortgpt":
         if a_ceff is None:
             raise ReproduceError("c_shortgpt needs a_modification's c_eff: run it first")
