@@ -769,10 +769,12 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[tuple, list[Run]] = {}
 
     def report(rounds_done: int, final: bool) -> None:
-        """Rows from the rounds done so far: written after every round, so that a long run
-        stopped early still leaves its results."""
+        """Rows from what was measured so far: written after every (context, batch), so that a
+        long run stopped early still leaves its results."""
         rows = []
         for ctx, batch in configs:
+            if (ctx, batch, "mod", 0) not in runs:
+                continue  # not measured yet
             for vi, v in enumerate(variants):
                 dense_runs = runs[(ctx, batch, "dense", dense_index[id(v.dense)])]
                 mod_runs = runs[(ctx, batch, "mod", vi)]
@@ -836,7 +838,8 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-        report(rnd + 1, final=rnd + 1 == args.rounds)
+            done = rnd + 1 if (ctx, batch) == configs[-1] else rnd
+            report(done, final=done == args.rounds)
     return 0
 
 
