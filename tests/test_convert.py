@@ -558,7 +558,8 @@ def test_tied_embeddings_stay_tied(tmp_path, mcore):
     and exports with tie_word_embeddings and no lm_head tensor."""
     from safetensors import safe_open
 
-    from megatron_mod.checkpointing import checkpoint_tensor_shapes, load_model_checkpoint
+    from megatron_mod.checkpointing import load_model_checkpoint
+    from megatron_mod.checkpointing.streaming import checkpoint_tensor_shapes
     from megatron_mod.hf.convert import convert_hf_to_megatron, convert_megatron_to_hf
 
     hf = _make_hf(tmp_path / "hf", seed=3, tie_word_embeddings=True)
@@ -602,7 +603,7 @@ def test_reimport_of_a_mod_export_keeps_its_mod_settings(work, tmp_path):
 
 
 def test_bf16_import_stores_bf16_and_keeps_routers_fp32(work, tmp_path):
-    from megatron_mod.checkpointing import checkpoint_tensor_dtypes
+    from megatron_mod.checkpointing.streaming import checkpoint_tensor_dtypes
     from megatron_mod.hf.convert import convert_hf_to_megatron
 
     convert_hf_to_megatron(
@@ -746,7 +747,7 @@ def test_mixed_dtype_source_is_stored_as_fp32_with_a_note(work, tmp_path):
 
 
 def test_failure_midway_leaves_no_output(work, tmp_path, monkeypatch):
-    from megatron_mod.checkpointing import StreamingCheckpointWriter
+    from megatron_mod.checkpointing.streaming import StreamingCheckpointWriter
     from megatron_mod.hf.convert import convert_hf_to_megatron
 
     calls = []

@@ -140,7 +140,8 @@ def test_layout_reproduces_the_single_process_run(reference, layout, mcore):
 def test_bf16_with_distributed_optimizer_tracks_fp32_and_keeps_routers_fp32(reference):
     import torch
 
-    from megatron_mod.checkpointing import checkpoint_tensor_dtypes, resolve_iteration_dir
+    from megatron_mod.checkpointing import resolve_iteration_dir
+    from megatron_mod.checkpointing.streaming import checkpoint_tensor_dtypes
 
     work, ref = reference
     got = _pretrain(work, "bf16", 2, ["--bf16", "--use-distributed-optimizer"])

@@ -30,19 +30,21 @@ import torch
 from megatron_mod.checkpointing import (
     CONFIG_FILENAME,
     CheckpointMetadata,
-    StreamingCheckpointWriter,
     build_model_from_metadata,
-    checkpoint_tensor_dtypes,
-    checkpoint_tensor_shapes,
     dtype_from_name,
     dtype_name,
     iteration_dir_name,
     model_sharded_state_dict,
     read_checkpoint_metadata,
-    read_checkpoint_tensors,
     resolve_iteration_dir,
     write_checkpoint_metadata,
     write_latest,
+)
+from megatron_mod.checkpointing.streaming import (
+    StreamingCheckpointWriter,
+    checkpoint_tensor_dtypes,
+    checkpoint_tensor_shapes,
+    read_checkpoint_tensors,
 )
 from megatron_mod.config import MoDConfig
 from megatron_mod.hf.config import (

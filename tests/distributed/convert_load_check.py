@@ -101,10 +101,10 @@ def main() -> None:
     from megatron_mod.checkpointing import (
         load_model_checkpoint,
         model_sharded_state_dict,
-        read_checkpoint_tensors,
         resolve_iteration_dir,
         save_model_checkpoint,
     )
+    from megatron_mod.checkpointing.streaming import read_checkpoint_tensors
     from megatron_mod.layer import MoDTransformerLayer
 
     platform.initialize(tp=args.tp, pp=args.pp)
