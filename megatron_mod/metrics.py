@@ -77,8 +77,9 @@ class MoDMetricsTracker:
 
         Args:
             num_layers: total layers in the model (all pipeline stages).
-            groups: process groups to all-reduce over (pipeline, data-parallel); ranks without a
-                layer contribute zeros, so a layer's sum comes from the ranks that hold it.
+            groups: process groups to all-reduce over (pipeline and data-parallel, or the whole
+                world: tensor-parallel ranks record identical values and counts, so the
+                averages are the same); ranks without a layer contribute zeros.
             device: device for the collective buffer (the compute device,
                 ``megatron_mod.platform.device()``; default: where the records are, else that).
 
