@@ -413,6 +413,7 @@ def load_model_checkpoint(
     iteration: int | None = None,
     mod_config: MoDConfig | None = None,
     dense: bool = False,
+    use_transformer_engine: bool | None = None,
     **config_overrides,
 ):
     """Build this rank's model for a checkpoint and load its weights (any TP/PP).
@@ -427,6 +428,7 @@ def load_model_checkpoint(
         iteration: which iteration (default: ``latest``).
         mod_config: replace the checkpoint's MoDConfig (e.g. another threshold).
         dense: load as a dense model, ignoring routers.
+        use_transformer_engine: force the TE or local layer spec (default: TE when importable).
         **config_overrides: extra TransformerConfig fields.
 
     Returns:
@@ -455,7 +457,10 @@ def load_model_checkpoint(
             f"{ckpt_dir}: padded vocabulary {metadata.padded_vocab_size} is not divisible by "
             f"tp={cur_tp}; re-import the model with --tp {cur_tp} (padding is chosen at import)"
         )
-    model = build_model_from_metadata(metadata, mod_config, dense, **config_overrides)
+    model = build_model_from_metadata(
+        metadata, mod_config, dense, use_transformer_engine=use_transformer_engine,
+        **config_overrides,
+    )  # fmt: skip
     state = dist_checkpointing.load({"model": model_sharded_state_dict(model)}, str(iter_dir))
     model.load_state_dict(state["model"])
     return model, metadata

@@ -47,7 +47,14 @@ __all__ = [
 ]
 
 # MoDConfig fields a run may change without changing the checkpoint's parameters.
-_OVERRIDABLE_MOD_FIELDS = ("routing", "threshold", "capacity", "gate", "load_loss_coeff")
+_OVERRIDABLE_MOD_FIELDS = (
+    "routing",
+    "threshold",
+    "capacity",
+    "gate",
+    "load_loss_coeff",
+    "compact_length_multiple",
+)
 
 # Resolved arguments a resumed run must share with the saved run: the model, the data and its
 # order, the batch, the optimisation schedule and the routing. Layout, logging, checkpointing and
@@ -80,6 +87,8 @@ MEANING_CHANGING_ARGS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags (``pretrain_gpt.py`` names where they exist)."""
+    from megatron_mod.config import MoDConfig
+
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -153,6 +162,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="overlap the data-parallel gradient reduction with backward",
     )
     g.add_argument("--bf16", action="store_true", help="bf16 weights (fp32 main weights, routers)")
+    g.add_argument(
+        "--transformer-impl",
+        choices=("transformer_engine", "local"),
+        help="layer implementation (default: transformer_engine when it imports, else local)",
+    )
     g = p.add_argument_group("activation recomputation (memory for large models)")
     g.add_argument(
         "--recompute-granularity",
@@ -214,12 +228,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--summary-json", help="write the run summary and every step's metrics here (JSON)"
     )
     g.add_argument("--seed", type=int, default=1234, help="random seed")
-    g = p.add_argument_group("MoD overrides (default: the checkpoint's settings)")
-    g.add_argument("--mod-routing", choices=("threshold", "topk"))
-    g.add_argument("--mod-threshold", type=float)
-    g.add_argument("--mod-capacity", type=float)
-    g.add_argument("--mod-gate", choices=("scale", "straight_through"))
-    g.add_argument("--mod-load-loss-coeff", type=float)
+    MoDConfig.add_cli_args(
+        p,
+        fields=_OVERRIDABLE_MOD_FIELDS,
+        with_defaults=False,
+        title="MoD overrides (default: the checkpoint's settings)",
+    )
+    g = p.add_argument_group("MoD training controls")
     g.add_argument(
         "--mod-target-compute",
         type=float,
@@ -341,18 +356,13 @@ def _mod_overrides(args: argparse.Namespace, metadata):
     from megatron_mod.config import MoDConfig
 
     base = metadata.mod_config
-    changes = {
-        f: getattr(args, f"mod_{f}")
-        for f in _OVERRIDABLE_MOD_FIELDS
-        if getattr(args, f"mod_{f}") is not None
-    }
     if base is None:
-        if changes:
+        if any(getattr(args, f"mod_{f}") is not None for f in _OVERRIDABLE_MOD_FIELDS):
             raise ValueError(
                 f"--load {args.load} is a dense checkpoint; --mod-* flags do not apply"
             )
         return None
-    return MoDConfig.from_dict({**base.to_dict(), **changes})
+    return MoDConfig.from_cli_args(args, base=base)
 
 
 def _prepare_save_dir(save: Path, load: Path, overwrite: bool) -> None:
@@ -518,12 +528,23 @@ def pretrain(args: argparse.Namespace) -> dict:
             recompute_num_layers=args.recompute_num_layers,
         )
     dense = mod_config is None
+    use_te = None if args.transformer_impl is None else args.transformer_impl != "local"
+    if use_te:
+        from megatron_mod.specs import have_transformer_engine
+
+        if not have_transformer_engine():
+            raise ValueError(
+                "--transformer-impl transformer_engine: Transformer Engine does not import here; "
+                "install it or use --transformer-impl local"
+            )
     if resume is None:
         model, metadata = load_model_checkpoint(
-            load, mod_config=mod_config, dense=dense, **overrides
+            load, mod_config=mod_config, dense=dense, use_transformer_engine=use_te, **overrides
         )
     else:
-        model = build_model_from_metadata(metadata, mod_config, dense, **overrides)
+        model = build_model_from_metadata(
+            metadata, mod_config, dense, use_transformer_engine=use_te, **overrides
+        )
     num_layers = metadata.num_layers
     tokenizer_dir = args.tokenizer_model or (
         str(load / metadata.tokenizer_dir) if metadata.tokenizer_dir else None
