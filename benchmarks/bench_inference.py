@@ -50,6 +50,7 @@ import ctypes
 import ctypes.util
 import gc
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -363,6 +364,14 @@ class PeakMemory:
         return _read_status_kb("VmHWM") if self.cpu_hwm else 0
 
 
+def cache_kwarg(model) -> str:
+    """The keyword a model's forward takes the cache under: ``cache`` in transformers >= 5.2x
+    (where ``past_key_values`` still works through a slower deprecation path), else
+    ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def dense_cache_bytes(cache) -> int:
     """Bytes of a ``transformers`` dense cache's key/value tensors (4.x and 5.x layouts)."""
     if hasattr(cache, "layers"):
@@ -400,13 +409,14 @@ def run_once(model, ids: torch.Tensor, new_tokens: int, is_mod: bool, mem: PeakM
         out = model(ids, use_cache=True, logits_to_keep=1)
         sync()
         t1 = time.perf_counter()
-        cache = out.past_key_values
+        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        cache_kw = cache_kwarg(model)
         prefill_lengths = (
             [int(x.sum()) if x is not None else 0 for x in cache.lengths] if is_mod else None
         )
         for _ in range(new_tokens):
             nxt = out.logits[:, -1:].argmax(-1)
-            out = model(nxt, past_key_values=cache, use_cache=True)
+            out = model(nxt, use_cache=True, **{cache_kw: cache})
         sync()
         t2 = time.perf_counter()
     peak = mem.peak()
