@@ -126,6 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234, help="router initialisation seed")
     p.add_argument("--out-dir", default=str(RESULTS_DIR), help="where JSON and PNG go")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--suffix", default="", help="added to the result file names (e.g. _long)")
     p.add_argument(
         "--save-calibrated",
         default=None,
@@ -774,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_mod.atomic import write_text_atomic
 
     out_dir = Path(args.out_dir)
-    stem = f"bench_inference_{model_name}_{tag}"
+    stem = f"bench_inference_{model_name}_{tag}{args.suffix}"
     load_start = _loadavg()
     runs: dict[tuple, list[Run]] = {}
 
