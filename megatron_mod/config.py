@@ -45,8 +45,8 @@ class MoDConfig:
     router_init_bias: float = 2.0
     """Router bias at initialisation; +2 keeps every token (g ~ 0.88) at the start."""
 
-    router_init_std: float = 0.02
-    """Init std of the logit per unit RMS of h: w ~ N(0, std^2 / hidden); 0 gives w = 0."""
+    router_init_std: float = 0.0
+    """Init std of the logit per unit RMS of h: w ~ N(0, std^2 / hidden); 0 (default) gives w = 0."""
 
     load_loss_layer_coeffs: dict[int, float] = field(default_factory=dict)
     """Optional per-layer multipliers of alpha, keyed by global 0-based layer index."""
