@@ -21,6 +21,17 @@ def mcore():
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Run the test with one torch thread, restoring the previous count afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def device_guard(mcore):
     """Fail where a GPU run would see a host tensor (see megatron_mod.device_guard)."""
     from megatron_mod import device_guard
