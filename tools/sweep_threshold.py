@@ -229,14 +229,21 @@ def score(model, windows: torch.Tensor, batch_size: int) -> dict:
 
 def time_once(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """(prefill seconds, decode ms per token) of one greedy generation with the MoD cache."""
+
+    def now() -> float:
+        # GPU work is asynchronous: wait for it before reading the clock.
+        if ids.is_cuda:
+            torch.cuda.synchronize(ids.device)
+        return time.perf_counter()
+
     with torch.inference_mode():
-        t0 = time.perf_counter()
+        t0 = now()
         out = model(ids, use_cache=True, logits_to_keep=1)
-        t1 = time.perf_counter()
+        t1 = now()
         cache = out.past_key_values
         for _ in range(new_tokens):
             out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
-        t2 = time.perf_counter()
+        t2 = now()
     return t1 - t0, (t2 - t1) * 1000.0 / max(new_tokens, 1)
 
 
