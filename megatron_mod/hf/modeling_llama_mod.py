@@ -52,7 +52,7 @@ __all__ = [
     "LlamaModRouter",
 ]
 
-_CACHE_CHUNK = 64  # cache capacity grows in multiples of this many slots
+_CACHE_CHUNK = 64  # most slots a cache layer keeps unused after it grows
 # torch >= 2.5 computes grouped-query attention without materialising repeated K/V.
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 _TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
