@@ -46,7 +46,7 @@ class MoDConfig:
     """Router bias at initialisation; +2 keeps every token (g ~ 0.88) at the start."""
 
     router_init_std: float = 0.0
-    """Init std of the logit per unit RMS of h: w ~ N(0, std^2 / hidden); 0 (default) gives w = 0."""
+    """Init std of the logit per unit RMS of h: w ~ N(0, std^2 / hidden); 0 (default): w = 0."""
 
     load_loss_layer_coeffs: dict[int, float] = field(default_factory=dict)
     """Optional per-layer multipliers of alpha, keyed by global 0-based layer index."""
