@@ -117,6 +117,7 @@ def main() -> None:
                 routed_layers="all",
                 routing="topk",
                 capacity=float(c),
+                router_init_std=1.0,  # random routing: kept tokens spread over the sequence
                 compact_length_multiple=args.multiple,
             ),
         )
