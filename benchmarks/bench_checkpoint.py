@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform as py_platform
 import shutil
 import statistics
 import sys
@@ -42,7 +41,7 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.host import cpu_name, slug, usable_cores  # noqa: E402
+from benchmarks.host import device_info, device_tag  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -73,28 +72,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def _device_info(device: str) -> dict:
-    import megatron.core
-
-    info = {
-        "device": device,
-        "cpu": cpu_name(),
-        "cpu_cores": usable_cores(),
-        "torch": torch.__version__,
-        "megatron_core": getattr(megatron.core, "__version__", "unknown"),
-        "python": py_platform.python_version(),
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def _tag(info: dict) -> str:
-    name = info["gpu"] if info["device"] == "cuda" else f"{info['cpu']}-{info['cpu_cores']}c"
-    return f"{info['device']}-{slug(name)}"
 
 
 def main(argv=None) -> dict:
@@ -184,7 +161,7 @@ def main(argv=None) -> dict:
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
-    info = _device_info(args.device)
+    info = device_info(args.device)
     size = statistics.median(sizes)
     result = {
         "device": info,
@@ -215,7 +192,7 @@ def main(argv=None) -> dict:
         f"{result['load_gb_per_s']} | {exact} |",
         flush=True,
     )
-    out = Path(args.json_out or RESULTS_DIR / f"bench_checkpoint_{_tag(info)}.json")
+    out = Path(args.json_out or RESULTS_DIR / f"bench_checkpoint_{device_tag(info)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

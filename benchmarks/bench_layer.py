@@ -46,7 +46,6 @@ import contextlib
 import json
 import math
 import os
-import platform as py_platform
 import statistics
 import sys
 import time
@@ -58,7 +57,7 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
 import torch  # noqa: E402
-from host import cpu_name, slug, usable_cores  # noqa: E402
+from host import device_info, device_tag, usable_cores  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_CAPACITIES = (1.0, 0.75, 0.5, 0.25, 0.125)
@@ -145,37 +144,12 @@ def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def device_info(device: str) -> dict:
-    """A description of the machine and software the numbers were measured on."""
-    import megatron.core
-
-    info = {
-        "device": device,
-        "cpu": cpu_name(),
-        "cpu_cores": usable_cores(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "megatron_core": getattr(megatron.core, "__version__", "unknown"),
-        "python": py_platform.python_version(),
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    return info
-
-
 def _loadavg() -> list[float] | None:
     """1/5/15-minute load averages: other processes on the machine disturb CPU timings."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
-
-def device_tag(info: dict) -> str:
-    """Short file-name tag, e.g. ``cpu-amd-epyc-2c`` or ``cuda-nvidia-h100-80gb-hbm3``."""
-    name = info["gpu"] if info["device"] == "cuda" else f"{info['cpu']}-{info['cpu_cores']}c"
-    return f"{info['device']}-{slug(name)}"
 
 
 # --------------------------------------------------------------------------- timing

@@ -85,3 +85,31 @@ def run_with_peak_memory(
     thread.join()
     wall = time.perf_counter() - start
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), wall, peak
+
+
+def device_info(device: str) -> dict:
+    """A description of the machine and software the numbers were measured on."""
+    import platform as py_platform
+
+    import megatron.core
+    import torch
+
+    info = {
+        "device": device,
+        "cpu": cpu_name(),
+        "cpu_cores": usable_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "megatron_core": getattr(megatron.core, "__version__", "unknown"),
+        "python": py_platform.python_version(),
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def device_tag(info: dict) -> str:
+    """Short file-name tag, e.g. ``cpu-amd-epyc-2c`` or ``cuda-nvidia-h100-80gb-hbm3``."""
+    name = info["gpu"] if info["device"] == "cuda" else f"{info['cpu']}-{info['cpu_cores']}c"
+    return f"{info['device']}-{slug(name)}"
