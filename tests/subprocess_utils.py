@@ -58,3 +58,21 @@ def run_script(
             + proc.stderr[-6000:]
         )
     return proc
+
+
+def launcher_dry_run(script: str, **env) -> subprocess.CompletedProcess:
+    """Run ``examples/<script>`` with ``DRY_RUN=1`` (it prints its commands) and fixed inputs."""
+    return subprocess.run(
+        ["bash", str(REPO / "examples" / script)],
+        env=dict(
+            subprocess_env(),
+            HF_DIR="/models/base",
+            DATA_ARGS="/data/blend.txt",
+            DRY_RUN="1",
+            WORK="/shared/work",
+            **env,
+        ),  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

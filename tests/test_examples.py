@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import shlex
-import subprocess
 
 import pytest
 
-from tests.subprocess_utils import REPO, subprocess_env
+from tests.subprocess_utils import REPO, launcher_dry_run
 
 SCRIPTS = {
     "convert_minima_2_3b.sh": ("minima-2-3b", 1, 1),
@@ -25,30 +24,13 @@ def _tool(name: str):
     return module
 
 
-def _dry_run(script: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["bash", str(REPO / "examples" / script)],
-        env=dict(
-            subprocess_env(),
-            HF_DIR="/models/base",
-            DATA_ARGS="/data/blend.txt",
-            DRY_RUN="1",
-            WORK="/shared/work",
-            **env,
-        ),  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_launcher_commands_parse_and_layout_fits_the_model(script):
     from megatron_mod.models import llama_config
     from megatron_mod.training.pretrain import parse_args
 
     preset, tp, pp = SCRIPTS[script]
-    proc = _dry_run(script, NNODES="4", NODE_RANK="0", MASTER_ADDR="node001")
+    proc = launcher_dry_run(script, NNODES="4", NODE_RANK="0", MASTER_ADDR="node001")
     assert proc.returncode == 0, proc.stderr
     commands = [shlex.split(line) for line in proc.stdout.splitlines() if "tools/" in line]
     assert len(commands) == 3, proc.stdout  # import, train, export
@@ -74,11 +56,13 @@ def test_launcher_commands_parse_and_layout_fits_the_model(script):
 
 
 def test_launcher_reads_slurm_and_refuses_a_layout_that_does_not_fit():
-    proc = _dry_run("convert_llama2_70b.sh", SLURM_NNODES="2", SLURM_NODEID="1",
+    proc = launcher_dry_run("convert_llama2_70b.sh", SLURM_NNODES="2", SLURM_NODEID="1",
                     MASTER_ADDR="n0", GPUS_PER_NODE="6")  # fmt: skip
     assert proc.returncode == 2
     assert "12 GPUs are not a multiple of TP x PP = 8 x 4" in proc.stderr
-    proc = _dry_run("convert_llama2_7b.sh", SLURM_NNODES="2", SLURM_NODEID="1", MASTER_ADDR="n0")
+    proc = launcher_dry_run(
+        "convert_llama2_7b.sh", SLURM_NNODES="2", SLURM_NODEID="1", MASTER_ADDR="n0"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "--node_rank 1" in proc.stdout and "--nnodes 2" in proc.stdout
     assert "convert_hf_to_megatron" not in proc.stdout  # only node 0 imports and exports

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.subprocess_utils import REPO, subprocess_env
+from tests.subprocess_utils import REPO, launcher_dry_run, subprocess_env
 
 RECOMPUTE = {
     "convert_minima_2_3b.sh": None,
@@ -21,23 +21,7 @@ RECOMPUTE = {
 def _train_args(script: str, **env):
     from megatron_mod.training.pretrain import parse_args
 
-    proc = subprocess.run(
-        ["bash", str(REPO / "examples" / script)],
-        env=dict(
-            subprocess_env(),
-            HF_DIR="/models/base",
-            DATA_ARGS="/data/blend.txt",
-            DRY_RUN="1",
-            WORK="/shared/work",
-            NNODES="4",
-            NODE_RANK="0",
-            MASTER_ADDR="node001",
-            **env,
-        ),  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = launcher_dry_run(script, NNODES="4", NODE_RANK="0", MASTER_ADDR="node001", **env)
     assert proc.returncode == 0, proc.stderr
     train = next(shlex.split(x) for x in proc.stdout.splitlines() if "pretrain_mod.py" in x)
     return parse_args(train[train.index("tools/pretrain_mod.py") + 1 :])
