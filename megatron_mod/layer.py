@@ -64,7 +64,7 @@ class MoDTransformerLayer(TransformerLayer):
         multiple = mod_config.compact_length_multiple
         self._pg_collection = kwargs.get("pg_collection")
         if config.sequence_parallel:
-            multiple = math.lcm(multiple, _tensor_parallel_size(self._pg_collection))
+            multiple = math.lcm(multiple, torch.distributed.get_world_size(self._tp_group()))
         self.dispatcher = MoDTokenDispatcher(pad_to_multiple=multiple)
         # Under sequence parallelism only the kept tokens move between TP ranks (all-to-all).
         self.sp_exchange = SequenceParallelTokenExchange(pad_to_multiple=multiple)
@@ -164,13 +164,6 @@ class MoDTransformerLayer(TransformerLayer):
 def _in_backward_recomputation() -> bool:
     """True while autograd runs a backward pass (activation recomputation re-runs forwards)."""
     return torch._C._current_graph_task_id() != -1
-
-
-def _tensor_parallel_size(pg_collection) -> int:
-    tp_group = getattr(pg_collection, "tp", None) if pg_collection is not None else None
-    if tp_group is not None:
-        return torch.distributed.get_world_size(tp_group)
-    return parallel_state.get_tensor_model_parallel_world_size()
 
 
 def _refuse_unsupported(config: TransformerConfig) -> None:
