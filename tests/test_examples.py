@@ -27,7 +27,7 @@ def _tool(name: str):
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_launcher_commands_parse_and_layout_fits_the_model(script):
     from megatron_mod.models import llama_config
-    from megatron_mod.training.pretrain import parse_args
+    from megatron_mod.training.arguments import parse_args
 
     preset, tp, pp = SCRIPTS[script]
     proc = launcher_dry_run(script, NNODES="4", NODE_RANK="0", MASTER_ADDR="node001")

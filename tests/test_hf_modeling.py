@@ -8,9 +8,7 @@ full recomputation. Models are tiny and random (hidden 64, 4 layers, 8 heads / 2
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import torch
 
 from megatron_mod.hf.configuration_llama_mod import LlamaModConfig
 from megatron_mod.hf.modeling_llama_mod import LlamaModCache, LlamaModForCausalLM
-from tests.tiny_llama import TINY_LLAMA
+from tests.tiny_llama import TINY_LLAMA, save_remote_code_dir
 
 VOCAB = 250
 HF_DIR = Path(__file__).resolve().parents[1] / "megatron_mod" / "hf"
@@ -378,24 +376,12 @@ def test_sampling_generate_is_seeded_and_valid():
 # -------------------------------------------------------------------------- save and load
 
 
-def _save_remote_code_dir(model, out: Path) -> None:
-    model.save_pretrained(out, safe_serialization=True)
-    for name in ("configuration_llama_mod.py", "modeling_llama_mod.py"):
-        shutil.copy2(HF_DIR / name, out / name)
-    config = json.loads((out / "config.json").read_text())
-    config["auto_map"] = {
-        "AutoConfig": "configuration_llama_mod.LlamaModConfig",
-        "AutoModelForCausalLM": "modeling_llama_mod.LlamaModForCausalLM",
-    }
-    (out / "config.json").write_text(json.dumps(config))
-
-
 def test_save_and_load_with_trust_remote_code(tmp_path):
     import transformers
     from transformers import AutoModelForCausalLM
 
     model = _model(seed=12, mod_routed_layers=[1, 3])
-    _save_remote_code_dir(model, tmp_path / "m")
+    save_remote_code_dir(model, tmp_path / "m")
     ids, mask = _tokens([12, 8], seed=13)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
     assert type(loaded).__name__ == "LlamaModForCausalLM"

@@ -8,7 +8,6 @@ methods), and the dense reference is ``transformers``' own ``DynamicCache`` fill
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 from megatron_mod.hf.configuration_llama_mod import LlamaModConfig
 from megatron_mod.hf.modeling_llama_mod import LlamaModCache, LlamaModForCausalLM
-from tests.tiny_llama import TINY_LLAMA
+from tests.tiny_llama import TINY_LLAMA, save_remote_code_dir
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 250
@@ -143,19 +142,6 @@ def test_batched_cache_allocates_at_most_the_longest_sequence_plus_one_chunk():
         assert longest <= capacity < longest + CHUNK, (layer, longest, capacity)
 
 
-def _save_export(model: LlamaModForCausalLM, out: Path) -> None:
-    """A llama_mod directory as the exporter writes it: weights, config with auto_map, code."""
-    model.save_pretrained(out, safe_serialization=True)
-    for name in ("configuration_llama_mod.py", "modeling_llama_mod.py"):
-        shutil.copy2(REPO / "megatron_mod" / "hf" / name, out / name)
-    config = json.loads((out / "config.json").read_text())
-    config["auto_map"] = {
-        "AutoConfig": "configuration_llama_mod.LlamaModConfig",
-        "AutoModelForCausalLM": "modeling_llama_mod.LlamaModForCausalLM",
-    }
-    (out / "config.json").write_text(json.dumps(config))
-
-
 def test_bench_inference_runs_at_tiny_size(tmp_path):
     # The whole benchmark on the random 4-layer model: calibrated variants plus a "trained" export
     # loaded with trust_remote_code; every row's c_eff follows from the calibration and the
@@ -163,7 +149,7 @@ def test_bench_inference_runs_at_tiny_size(tmp_path):
     trained = LlamaModForCausalLM(
         LlamaModConfig(**{**BASE, "vocab_size": 256}, mod_routed_layers=[1, 3])
     ).eval()
-    _save_export(trained, tmp_path / "trained")
+    save_remote_code_dir(trained, tmp_path / "trained")
     out = tmp_path / "results"
     cmd = [
         sys.executable,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 from megatron_mod.data.local_text import stdlib_docstrings, train_hf_bpe, write_jsonl
 from megatron_mod.hf.configuration_llama_mod import LlamaModConfig
 from megatron_mod.hf.modeling_llama_mod import LlamaModForCausalLM
-from tests.tiny_llama import TINY_LLAMA
+from tests.tiny_llama import TINY_LLAMA, save_remote_code_dir
 from tools.sweep_threshold import main as sweep_main
 from tools.sweep_threshold import pareto_front
 
@@ -64,15 +63,7 @@ def make_tiny_export(root: Path) -> tuple[Path, list[str]]:
                 param.zero_()
             elif "embed" in name:
                 param.normal_(0.0, 1.0)
-    model.save_pretrained(out, safe_serialization=True)
-    for name in ("configuration_llama_mod.py", "modeling_llama_mod.py"):
-        shutil.copy2(REPO / "megatron_mod" / "hf" / name, out / name)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["auto_map"] = {
-        "AutoConfig": "configuration_llama_mod.LlamaModConfig",
-        "AutoModelForCausalLM": "modeling_llama_mod.LlamaModForCausalLM",
-    }
-    (out / "config.json").write_text(json.dumps(cfg))
+    save_remote_code_dir(model, out)
     return out, docs[80:]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from megatron_mod.training import checkpoint as ckpt
-from megatron_mod.training.pretrain import MEANING_CHANGING_ARGS, check_resume_args
+from megatron_mod.training.arguments import MEANING_CHANGING_ARGS, check_resume_args
 
 LAYOUT = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1}
 
@@ -120,16 +120,16 @@ def test_optimizer_state_compatibility(tmp_path):
 
 
 def test_train_tokens_and_decay_iters_resolve_to_steps():
-    from megatron_mod.training.pretrain import _resolved_args, parse_args
+    from megatron_mod.training.arguments import parse_args, resolved_args
 
     base = ["--load", "ckpt", "--save", "out", "--data-path", "1.0", "data/x_text_document"]
     base += ["--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8"]
     args = parse_args([*base, "--train-tokens", "5000"])
-    resolved = _resolved_args(args, args.data_path, data_parallel_size=2)
+    resolved = resolved_args(args, args.data_path, data_parallel_size=2)
     # 8 sequences x 64 tokens = 512 tokens a step: ceil(5000 / 512) = 10 steps.
     assert resolved["train_iters"] == 10 and resolved["lr_decay_iters"] == 10
     assert resolved["global_batch_size"] == 8
-    resolved = _resolved_args(
+    resolved = resolved_args(
         parse_args([*base, "--train-iters", "7", "--lr-decay-iters", "20"]), ["1.0", "x"], 1
     )
     assert (resolved["train_iters"], resolved["lr_decay_iters"]) == (7, 20)
@@ -137,3 +137,23 @@ def test_train_tokens_and_decay_iters_resolve_to_steps():
         parse_args([*base, "--train-iters", "7", "--train-tokens", "100"])
     with pytest.raises(SystemExit):
         parse_args([*base, "--recompute-granularity", "full"])  # needs method and layers
+
+
+def test_train_config_takes_every_field_from_the_command_line():
+    from megatron_mod.training.arguments import parse_args
+    from megatron_mod.training.loop import TrainConfig
+
+    args = parse_args(
+        ["--load", "in", "--save", "out", "--data-path", "1.0", "p", "--lr", "2e-4",
+         "--weight-decay", "0.05", "--mod-router-lr-mult", "7", "--mod-train-routers-only",
+         "--on-nan", "skip", "--tensorboard-dir", "tb"]
+    )  # fmt: skip
+    cfg = TrainConfig.from_args(args, train_iters=9, num_microbatches=3, lr_decay_iters=8)
+    assert (cfg.train_iters, cfg.num_microbatches, cfg.lr_decay_iters) == (9, 3, 8)
+    assert (cfg.lr, cfg.weight_decay, cfg.on_nan, cfg.tensorboard_dir) == (2e-4, 0.05, "skip", "tb")
+    assert cfg.router_lr_mult == 7.0 and cfg.train_routers_only
+    # A field the command line does not have must come from the caller, and only real fields.
+    with pytest.raises(ValueError, match="num_microbatches"):
+        TrainConfig.from_args(args, train_iters=9, lr_decay_iters=8)
+    with pytest.raises(ValueError, match="no field"):
+        TrainConfig.from_args(args, train_iters=9, num_microbatches=1, lr_decay_iters=8, lr2=1)

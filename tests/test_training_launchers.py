@@ -19,7 +19,7 @@ RECOMPUTE = {
 
 
 def _train_args(script: str, **env):
-    from megatron_mod.training.pretrain import parse_args
+    from megatron_mod.training.arguments import parse_args
 
     proc = launcher_dry_run(script, NNODES="4", NODE_RANK="0", MASTER_ADDR="node001", **env)
     assert proc.returncode == 0, proc.stderr

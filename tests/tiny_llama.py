@@ -11,3 +11,23 @@ TINY_LLAMA = dict(
     tie_word_embeddings=False,
 )
 """``LlamaConfig`` fields besides the vocabulary (head dim 8, SwiGLU width 176)."""
+
+
+def save_remote_code_dir(model, out) -> None:
+    """Save an HF ``LlamaModForCausalLM`` as the exporter lays out a ``llama_mod`` directory:
+    safetensors weights, ``config.json`` with ``auto_map``, and the modeling code beside them."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from megatron_mod.hf.config import MOD_AUTO_MAP
+    from megatron_mod.hf.convert import HF_MODELING_FILES
+
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    code_dir = Path(__file__).resolve().parents[1] / "megatron_mod" / "hf"
+    for name in HF_MODELING_FILES:
+        shutil.copy2(code_dir / name, out / name)
+    config = json.loads((out / "config.json").read_text())
+    config["auto_map"] = dict(MOD_AUTO_MAP)
+    (out / "config.json").write_text(json.dumps(config))

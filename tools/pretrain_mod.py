@@ -23,8 +23,9 @@ import sys
 
 
 def main(argv=None) -> int:
+    from megatron_mod.training.arguments import parse_args
     from megatron_mod.training.loop import NonFiniteError
-    from megatron_mod.training.pretrain import parse_args, pretrain
+    from megatron_mod.training.pretrain import pretrain
 
     args = parse_args(argv)
     try:

@@ -37,9 +37,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_mod.atomic import write_text_atomic  # noqa: E402
+from megatron_mod.data.documents import DocumentError, read_token_stream  # noqa: E402
 from megatron_mod.errors import USER_ERRORS, MegatronModError, report  # noqa: E402
-
-TEXT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 
 
 class SweepError(MegatronModError, ValueError):
@@ -95,35 +94,6 @@ def _indexed_prefix(data: str) -> str | None:
     return None
 
 
-def _iter_texts(path: str, key: str):
-    """Documents of a JSONL/Parquet file (via megatron_mod.data.readers) or a text file."""
-    if not path.endswith(TEXT_SUFFIXES):
-        with open(path, encoding="utf-8", errors="strict") as f:
-            yield f.read()
-        return
-    from megatron_mod.data.readers import Problem, iter_raw_records
-
-    for rec in iter_raw_records([path], columns=(key,)):
-        if isinstance(rec, Problem):
-            raise SweepError(f"--data {rec.file}:{rec.line}: {rec.reason}: {rec.detail}")
-        record = rec.payload
-        if not isinstance(record, dict):
-            if not record.strip():
-                continue
-            try:
-                record = json.loads(record)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise SweepError(f"--data {rec.file}:{rec.line}: not valid JSON ({e})") from None
-        text = record.get(key) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise SweepError(
-                f"--data {rec.file}:{rec.line}: no string under key {key!r} "
-                f"(pass --json-key with the record's text field)"
-            )
-        if text.strip():
-            yield text
-
-
 def load_windows(args, tokenizer, vocab_size: int) -> torch.Tensor:
     """[num_sequences, seq_length] token windows from ``--data``."""
     needed = args.num_sequences * args.seq_length
@@ -140,13 +110,10 @@ def load_windows(args, tokenizer, vocab_size: int) -> torch.Tensor:
     elif os.path.isfile(args.data):
         if tokenizer is None:
             raise SweepError(f"--model {args.model}: no tokenizer there to tokenize --data")
-        eos = tokenizer.eos_token_id
-        for text in _iter_texts(args.data, args.json_key):
-            tokens.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-            if eos is not None:
-                tokens.append(eos)
-            if len(tokens) >= needed:
-                break
+        try:
+            tokens = read_token_stream(args.data, tokenizer, needed, args.json_key)
+        except DocumentError as err:
+            raise SweepError(f"--data {err}") from None
     else:
         raise SweepError(
             f"--data {args.data}: neither a file nor a Megatron indexed dataset prefix "

@@ -25,11 +25,14 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from megatron_mod.data.documents import DocumentError, read_token_stream
+from megatron_mod.errors import MegatronModError
 
 __all__ = [
     "PruneError",
@@ -46,7 +49,7 @@ _WEIGHT_FILES = re.compile(r"^(model.*\.safetensors|model\.safetensors\.index\.j
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-class PruneError(ValueError):
+class PruneError(MegatronModError, ValueError):
     """Bad input to the pruning tool (the message names the file or option and what to do)."""
 
 
@@ -80,29 +83,6 @@ class PrunePlan:
 # --------------------------------------------------------------------------- data
 
 
-def _read_texts(path: Path, key: str) -> Iterable[str]:
-    """Documents of a JSONL file (``{key: text}`` per line) or the whole of a plain text file."""
-    if path.suffix not in (".jsonl", ".json"):
-        yield path.read_text(encoding="utf-8")
-        return
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PruneError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            text = record.get(key) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise PruneError(
-                    f"{path}:{lineno}: no string under key {key!r} (pass --json-key with the "
-                    f"record's text field)"
-                )
-            if text.strip():
-                yield text
-
-
 def load_text_windows(
     path: str | os.PathLike,
     tokenizer,
@@ -113,7 +93,7 @@ def load_text_windows(
     """``[n, seq_length]`` token windows of a JSONL or text file, documents joined by EOS.
 
     Args:
-        path: JSONL file (one ``{key: text}`` per line) or a plain text file.
+        path: JSONL/Parquet file (``{key: text}`` per record) or a plain text file.
         tokenizer: a Hugging Face tokenizer.
         seq_length: tokens per window.
         num_sequences: windows wanted; fewer are returned (at least one) when the text is short.
@@ -125,15 +105,10 @@ def load_text_windows(
     path = Path(path)
     if not path.is_file():
         raise PruneError(f"--data {path}: file not found")
-    needed = seq_length * num_sequences
-    eos = tokenizer.eos_token_id
-    tokens: list[int] = []
-    for text in _read_texts(path, key):
-        tokens.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            tokens.append(eos)
-        if len(tokens) >= needed:
-            break
+    try:
+        tokens = read_token_stream(path, tokenizer, seq_length * num_sequences, key)
+    except DocumentError as err:
+        raise PruneError(f"--data {err}") from None
     n = min(num_sequences, len(tokens) // seq_length)
     if n == 0:
         raise PruneError(

@@ -19,7 +19,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from megatron.core import parallel_state
@@ -45,6 +45,13 @@ __all__ = [
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 ON_NAN_CHOICES = ("skip", "stop")
+
+
+# TrainConfig fields whose trainer flag has another name.
+_FLAGS_OF_FIELDS = {
+    "router_lr_mult": "mod_router_lr_mult",
+    "train_routers_only": "mod_train_routers_only",
+}
 
 
 @dataclass
@@ -91,6 +98,36 @@ class TrainConfig:
     """Print a log line every this many steps."""
     tensorboard_dir: str | None = None
     """Write TensorBoard scalars here when set."""
+
+    @classmethod
+    def from_args(cls, args, **derived) -> TrainConfig:
+        """The settings of a trainer command line (``training.arguments.parse_args``).
+
+        Each field is read from the flag of the same name (``router_lr_mult`` and
+        ``train_routers_only`` from their ``--mod-`` flags), unless ``derived`` gives it: the
+        values a run works out from several flags (``train_iters``, ``num_microbatches``,
+        ``lr_decay_iters``).
+
+        Raises:
+            ValueError: a field has neither a flag nor a derived value, or ``derived`` names a
+                field that does not exist.
+        """
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(derived) - set(names))
+        if unknown:
+            raise ValueError(f"TrainConfig has no field(s) {unknown}")
+        values, missing = {}, []
+        for name in names:
+            flag = _FLAGS_OF_FIELDS.get(name, name)
+            if name in derived:
+                values[name] = derived[name]
+            elif hasattr(args, flag):
+                values[name] = getattr(args, flag)
+            else:
+                missing.append(name)
+        if missing:
+            raise ValueError(f"TrainConfig.from_args: no flag or derived value for {missing}")
+        return cls(**values)
 
     def __post_init__(self):
         for name in ("train_iters", "micro_batch_size", "num_microbatches", "seq_length"):

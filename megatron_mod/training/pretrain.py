@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -37,253 +36,23 @@ from pathlib import Path
 
 import torch
 
+from megatron_mod.training.arguments import (
+    OVERRIDABLE_MOD_FIELDS,
+    check_resume_args,
+    num_microbatches,
+    resolved_args,
+    world_size,
+)
+
 __all__ = [
+    "TrainingRun",
+    "build_run",
+    "finish_run",
     "gpt_batches",
-    "parse_args",
     "pretrain",
+    "run_training",
     "topk_decode_threshold",
-    "check_resume_args",
-    "MEANING_CHANGING_ARGS",
 ]
-
-# MoDConfig fields a run may change without changing the checkpoint's parameters.
-_OVERRIDABLE_MOD_FIELDS = (
-    "routing",
-    "threshold",
-    "capacity",
-    "gate",
-    "load_loss_coeff",
-    "compact_length_multiple",
-)
-
-# Resolved arguments a resumed run must share with the saved run: the model, the data and its
-# order, the batch, the optimisation schedule and the routing. Layout, logging, checkpointing and
-# the number of steps may change.
-MEANING_CHANGING_ARGS = (
-    "load",
-    "data",
-    "split",
-    "seq_length",
-    "global_batch_size",
-    "seed",
-    "tokenizer_model",
-    "tokenizer_type",
-    "eod_mask_loss",
-    "bf16",
-    "lr",
-    "min_lr",
-    "lr_warmup_iters",
-    "lr_decay_iters",
-    "lr_decay_style",
-    "weight_decay",
-    "clip_grad",
-    *(f"mod_{f}" for f in _OVERRIDABLE_MOD_FIELDS),
-    "mod_target_compute",
-    "mod_target_warmup_steps",
-    "mod_router_lr_mult",
-    "mod_train_routers_only",
-)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags (``pretrain_gpt.py`` names where they exist)."""
-    from megatron_mod.config import MoDConfig
-
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    g = p.add_argument_group("checkpoints")
-    g.add_argument("--load", required=True, help="megatron-mod checkpoint to start from")
-    g.add_argument("--save", required=True, help="where to write the trained checkpoint")
-    g.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a non-empty --save dir (also one holding a run: start it over)",
-    )
-    g.add_argument(
-        "--save-interval",
-        type=int,
-        default=0,
-        help="write a training checkpoint every N steps (0: only at the end); re-running the "
-        "same command resumes from the newest one",
-    )
-    g.add_argument(
-        "--keep-last",
-        type=int,
-        default=0,
-        help="keep only the newest K training checkpoints (0: keep all)",
-    )
-    g.add_argument(
-        "--dist-ckpt-optim-fully-reshardable",
-        action="store_true",
-        help="save the distributed optimizer's state per parameter (gathered on DP rank 0) so "
-        "it resumes under another TP/PP too; default: each rank's shard as is (DP changes only)",
-    )
-    g.add_argument(
-        "--exit-signal-handler",
-        action="store_true",
-        help="on SIGTERM, finish the current step, save a checkpoint and exit 0",
-    )
-    g.add_argument(
-        "--exit-duration-in-mins",
-        type=float,
-        help="save a checkpoint and exit 0 once the run has lasted this many minutes",
-    )
-    g = p.add_argument_group("data")
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data-path", nargs="+", help="blend: 'w1 prefix1 w2 prefix2 ...'")
-    src.add_argument("--data-args-path", help="file holding the --data-path blend")
-    g.add_argument("--split", default="969,30,1", help="train,valid,test weights")
-    g.add_argument(
-        "--tokenizer-model",
-        help="HF tokenizer dir (default: the tokenizer stored in the --load checkpoint)",
-    )
-    g.add_argument(
-        "--tokenizer-type",
-        default="HuggingFaceTokenizer",
-        choices=("HuggingFaceTokenizer", "SentencePieceTokenizer"),
-        help="kind of --tokenizer-model",
-    )
-    g.add_argument("--data-cache-path", help="where megatron-core caches dataset indices")
-    g.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document")
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size")
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size")
-    g.add_argument("--sequence-parallel", action="store_true", help="sequence parallel (TP > 1)")
-    g.add_argument(
-        "--use-distributed-optimizer",
-        action="store_true",
-        help="shard optimizer state over data-parallel ranks",
-    )
-    g.add_argument(
-        "--overlap-grad-reduce",
-        action="store_true",
-        help="overlap the data-parallel gradient reduction with backward",
-    )
-    g.add_argument("--bf16", action="store_true", help="bf16 weights (fp32 main weights, routers)")
-    g.add_argument(
-        "--transformer-impl",
-        choices=("transformer_engine", "local"),
-        help="layer implementation (default: transformer_engine when it imports, else local)",
-    )
-    g = p.add_argument_group("activation recomputation (memory for large models)")
-    g.add_argument(
-        "--recompute-granularity",
-        choices=("full", "selective"),
-        help="full: recompute whole layers in backward; selective: only the attention core",
-    )
-    g.add_argument(
-        "--recompute-method",
-        choices=("uniform", "block"),
-        help="full recomputation: uniform (groups of --recompute-num-layers) or block (the "
-        "first --recompute-num-layers layers of each pipeline stage)",
-    )
-    g.add_argument(
-        "--recompute-num-layers", type=int, help="layers per group (uniform) or per stage (block)"
-    )
-    g = p.add_argument_group("training")
-    g.add_argument("--seq-length", type=int, default=256, help="tokens per sample")
-    g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch")
-    g.add_argument(
-        "--global-batch-size",
-        type=int,
-        help="sequences per optimizer step over all data-parallel ranks (default: micro-batch "
-        "size x data-parallel size); a multiple of micro-batch size x DP",
-    )
-    length = g.add_mutually_exclusive_group()
-    length.add_argument("--train-iters", type=int, help="optimizer steps (default 50)")
-    length.add_argument(
-        "--train-tokens",
-        type=int,
-        help="train on this many tokens: steps = ceil(tokens / (global batch x seq length))",
-    )
-    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
-    g.add_argument("--min-lr", type=float, default=3e-5, help="final learning rate")
-    g.add_argument("--lr-warmup-iters", type=int, default=5, help="linear warmup steps")
-    g.add_argument(
-        "--lr-decay-iters", type=int, help="steps to decay over (default: the training steps)"
-    )
-    g.add_argument(
-        "--lr-decay-style",
-        default="cosine",
-        choices=("constant", "linear", "cosine", "inverse-square-root"),
-        help="decay after warmup",
-    )
-    g.add_argument(
-        "--on-nan",
-        default="stop",
-        choices=("skip", "stop"),
-        help="a non-finite LM loss or gradient norm: skip that update, or stop with an error",
-    )
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
-    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip (0: off)")
-    g.add_argument("--eval-interval", type=int, default=0, help="evaluate every N steps (0: end)")
-    g.add_argument(
-        "--eval-iters", type=int, default=4, help="validation steps of one global batch each"
-    )
-    g.add_argument("--log-interval", type=int, default=5, help="steps between log lines")
-    g.add_argument("--tensorboard-dir", help="write TensorBoard scalars here")
-    g.add_argument(
-        "--summary-json", help="write the run summary and every step's metrics here (JSON)"
-    )
-    g.add_argument("--seed", type=int, default=1234, help="random seed")
-    MoDConfig.add_cli_args(
-        p,
-        fields=_OVERRIDABLE_MOD_FIELDS,
-        with_defaults=False,
-        title="MoD overrides (default: the checkpoint's settings)",
-    )
-    g = p.add_argument_group("MoD training controls")
-    g.add_argument(
-        "--mod-target-compute",
-        type=float,
-        help="steer the load-loss coefficients so that c_eff (computed fraction over all "
-        "layers) reaches this target (megatron_mod.training.controller)",
-    )
-    g.add_argument(
-        "--mod-router-lr-mult",
-        type=float,
-        default=1.0,
-        help="the routers' learning rates (peak and final) are this multiple of --lr/--min-lr",
-    )
-    g.add_argument(
-        "--mod-train-routers-only",
-        action="store_true",
-        help="train the routers only, the base model frozen (Router-Tuning)",
-    )
-    g.add_argument(
-        "--mod-target-warmup-steps",
-        type=int,
-        default=50,
-        help="steps over which the compute target ramps down from 1.0",
-    )
-    args = p.parse_args(argv)
-    _validate_args(p, args)
-    return args
-
-
-def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("save_interval", "keep_last"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0")
-    for name in ("train_iters", "train_tokens", "lr_decay_iters", "recompute_num_layers"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.mod_router_lr_mult <= 0:
-        parser.error("--mod-router-lr-mult must be > 0")
-    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
-        parser.error("--exit-duration-in-mins must be > 0")
-    if args.recompute_granularity == "full":
-        if args.recompute_method is None or args.recompute_num_layers is None:
-            parser.error(
-                "--recompute-granularity full needs --recompute-method and --recompute-num-layers"
-            )
-    elif args.recompute_method is not None or args.recompute_num_layers is not None:
-        parser.error(
-            "--recompute-method/--recompute-num-layers apply to --recompute-granularity full"
-        )
 
 
 def gpt_batches(
@@ -357,7 +126,7 @@ def _mod_overrides(args: argparse.Namespace, metadata):
 
     base = metadata.mod_config
     if base is None:
-        if any(getattr(args, f"mod_{f}") is not None for f in _OVERRIDABLE_MOD_FIELDS):
+        if any(getattr(args, f"mod_{f}") is not None for f in OVERRIDABLE_MOD_FIELDS):
             raise ValueError(
                 f"--load {args.load} is a dense checkpoint; --mod-* flags do not apply"
             )
@@ -380,144 +149,160 @@ def _prepare_save_dir(save: Path, load: Path, overwrite: bool) -> None:
     torch.distributed.barrier()
 
 
-def _world_size() -> int:
-    """Ranks of this launch (torchrun's WORLD_SIZE; 1 for a plain process)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+@dataclasses.dataclass
+class TrainingRun:
+    """What :func:`build_run` sets up on this rank for the training and finishing steps."""
 
+    args: argparse.Namespace
+    """The parsed command line."""
+    resolved: dict
+    """The arguments with defaults resolved, as every checkpoint records them."""
+    load: Path
+    """The checkpoint the run started from (``--load``)."""
+    save: Path
+    """Where training checkpoints go (``--save``)."""
+    resume: tuple | None
+    """``(iteration dir, saved state)`` of the checkpoint being continued, or None."""
+    metadata: object
+    """The checkpoint metadata every save records (model config, layout, tokenizer)."""
+    mod_config: object
+    """The run's :class:`~megatron_mod.config.MoDConfig` (None: a dense model)."""
+    model: torch.nn.Module
+    """This rank's GPTModel."""
+    cfg: object
+    """The loop's :class:`~megatron_mod.training.loop.TrainConfig`."""
+    training: tuple
+    """``(ddp_model, optimizer, scheduler)``, with a resumed run's state loaded."""
+    controller: object
+    """The compute-target controller (``--mod-target-compute``), or None."""
+    train_ds: object
+    """The training dataset (every rank reads its own micro-batches)."""
+    valid_ds: object
+    """The validation dataset."""
+    start_iteration: int
+    """Iterations already done (a resumed run)."""
+    skipped: int
+    """Iterations skipped so far for a non-finite loss (``--on-nan skip``)."""
+    global_batch: int
+    """Sequences per optimizer step over all data-parallel ranks."""
+    dp_rank: int
+    """This rank's index in its data-parallel group."""
+    dp_size: int
+    """Data-parallel ranks."""
+    writer: object
+    """The TensorBoard writer (rank 0 with ``--tensorboard-dir``), or None."""
+    exit_handler: object
+    """The installed SIGTERM handler (``--exit-signal-handler``), or None."""
+    run_start: float
+    """``time.monotonic()`` when the command started (for ``--exit-duration-in-mins``)."""
+    saved_iteration: int | None = None
+    """The iteration the newest checkpoint in ``save`` holds."""
 
-def _num_microbatches(args: argparse.Namespace, data_parallel_size: int) -> int:
-    per_pass = args.micro_batch_size * data_parallel_size
-    global_batch = args.global_batch_size or per_pass
-    if global_batch % per_pass:
-        raise ValueError(
-            f"--global-batch-size {global_batch} is not a multiple of --micro-batch-size "
-            f"{args.micro_batch_size} x data-parallel size {data_parallel_size} = {per_pass}"
+    @property
+    def num_layers(self) -> int:
+        return self.metadata.num_layers
+
+    def log(self, *args, **kwargs) -> None:
+        """Print on rank 0 only."""
+        if torch.distributed.get_rank() == 0:
+            print(*args, **kwargs)
+
+    def evaluate(self, label: str, iteration: int):
+        """Validation loss and routing on ``--eval-iters`` global batches; logged."""
+        from megatron_mod.training.loop import evaluate, format_kept
+
+        args = self.args
+        result = evaluate(
+            self.model,
+            gpt_batches(self.valid_ds, args.micro_batch_size, 0, self.dp_rank, self.dp_size),
+            args.eval_iters * self.cfg.num_microbatches,
+            args.micro_batch_size,
+            args.seq_length,
+            self.num_layers,
         )
-    return global_batch // per_pass
-
-
-def _resolved_args(args: argparse.Namespace, blend: list[str], data_parallel_size: int) -> dict:
-    """The run's arguments with defaults resolved (what a resume is checked against)."""
-    global_batch = _num_microbatches(args, data_parallel_size) * args.micro_batch_size
-    global_batch *= data_parallel_size
-    if args.train_tokens is not None:
-        train_iters = math.ceil(args.train_tokens / (global_batch * args.seq_length))
-    else:
-        train_iters = args.train_iters or 50
-    resolved = {k: v for k, v in vars(args).items()}
-    resolved.update(
-        load=str(Path(args.load).resolve()),
-        data=list(blend),
-        global_batch_size=global_batch,
-        train_iters=train_iters,
-        lr_decay_iters=args.lr_decay_iters or train_iters,
-        tokenizer_model=str(Path(args.tokenizer_model).resolve()) if args.tokenizer_model else None,
-    )
-    return json.loads(json.dumps(resolved))  # JSON values only, as they are saved
-
-
-def check_resume_args(saved: dict, current: dict, iter_dir: Path) -> None:
-    """Refuse to continue a run whose meaning-changing arguments differ from the saved ones.
-
-    Raises:
-        ValueError: naming each differing argument with both values.
-    """
-    diffs = [
-        f"--{key.replace('_', '-')}: saved {saved.get(key)!r}, now {current.get(key)!r}"
-        for key in MEANING_CHANGING_ARGS
-        if saved.get(key) != current.get(key)
-    ]
-    if diffs:
-        raise ValueError(
-            f"--save holds a run ({iter_dir}) whose arguments differ from this command's:\n  "
-            + "\n  ".join(diffs)
-            + "\nRe-run the saved command to continue it, or pass --overwrite (or another "
-            "--save) to start a new run. With --train-iters changed, pass the saved "
-            "--lr-decay-iters to keep the schedule."
+        kept = format_kept(result.kept_fraction)
+        self.log(
+            f" validation ({label}) | lm loss {result.lm_loss:.4f} | "
+            f"c_eff {result.c_eff:.3f} | kept {kept}",
+            flush=True,
         )
+        if self.writer is not None:
+            self.writer.add_scalar("validation/lm loss", result.lm_loss, iteration)
+            ppl = math.exp(min(result.lm_loss, 30.0))
+            self.writer.add_scalar("validation/ppl", ppl, iteration)
+            self.writer.add_scalar("validation/c_eff", result.c_eff, iteration)
+        return result
+
+    def save_checkpoint(self, iteration: int) -> Path:
+        """Write a training checkpoint of ``iteration`` into ``save`` (every rank)."""
+        from megatron_mod.training import checkpoint as ckpt
+
+        t0 = time.perf_counter()
+        _, optimizer, scheduler = self.training
+        iter_dir = ckpt.save_training_checkpoint(
+            self.save,
+            self.model,
+            optimizer,
+            scheduler,
+            self.metadata,
+            ckpt.TrainState(
+                iteration=iteration,
+                consumed_samples=iteration * self.global_batch,
+                scheduler={},
+                args=self.resolved,
+                layout={},
+                skipped_iterations=self.skipped,
+                controller=self.controller.state_dict() if self.controller is not None else None,
+            ),
+            keep_last=self.args.keep_last,
+            optimizer_format=(
+                "fully_reshardable"
+                if self.args.dist_ckpt_optim_fully_reshardable
+                else "dp_reshardable"
+            ),
+        )
+        self.saved_iteration = iteration
+        self.log(
+            f"saved checkpoint {iter_dir} (iteration {iteration}) in "
+            f"{time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
+        return iter_dir
 
 
-def pretrain(args: argparse.Namespace) -> dict:
-    """Load (or resume), train, evaluate and save; returns a summary dict (printed by rank 0).
-
-    Call it on every rank of a torchrun launch (or in one process).
-    """
-    from megatron.core import parallel_state
-
-    from megatron_mod import platform
-    from megatron_mod.atomic import write_text_atomic
-    from megatron_mod.checkpointing import (
-        build_model_from_metadata,
-        load_model_checkpoint,
-        read_checkpoint_metadata,
-    )
-    from megatron_mod.data.datasets import build_gpt_datasets, read_data_args_file
-    from megatron_mod.data.megatron_tokenizer import megatron_tokenizer
-    from megatron_mod.training import checkpoint as ckpt
-    from megatron_mod.training.loop import (
-        ExitSignalHandler,
-        TrainConfig,
-        evaluate,
-        format_kept,
-        format_kept_per_layer,
-        train,
-    )
-    from megatron_mod.training.optimizer import setup_model_and_optimizer
-    from megatron_mod.training.throughput import ModelFlops
-
-    run_start = time.monotonic()
-    # Installed first, so a SIGTERM while the model and data load is not lost either.
-    exit_handler = ExitSignalHandler() if args.exit_signal_handler else None
-    load, save = Path(args.load), Path(args.save)
+def _check_layout(args: argparse.Namespace) -> None:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if tp < 1 or pp < 1 or _world_size() % (tp * pp):
+    if tp < 1 or pp < 1 or world_size() % (tp * pp):
         raise ValueError(
-            f"{_world_size()} ranks are not a multiple of tensor x pipeline parallel {tp} x {pp}"
+            f"{world_size()} ranks are not a multiple of tensor x pipeline parallel {tp} x {pp}"
         )
     if args.sequence_parallel and tp == 1:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
-    blend = args.data_path or read_data_args_file(args.data_args_path)
-    resolved = _resolved_args(args, blend, _world_size() // (tp * pp))
-    train_iters = resolved["train_iters"]
 
-    # Everything cheap first: a resumed run is checked before any model or data is built.
+
+def _find_resume(args: argparse.Namespace, resolved: dict, save: Path):
+    """The checkpoint in ``save`` to continue, checked against this command (None: a new run)."""
+    from megatron_mod.training import checkpoint as ckpt
+
     resume = None if args.overwrite else ckpt.find_training_checkpoint(save)
     if resume is not None:
         check_resume_args(resume[1].args, resolved, resume[0])
+        tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
         ckpt.check_optimizer_compatible(
             resume[1],
             {
                 "tensor_model_parallel_size": tp,
                 "pipeline_model_parallel_size": pp,
-                "data_parallel_size": _world_size() // (tp * pp),
+                "data_parallel_size": world_size() // (tp * pp),
             },
             args.use_distributed_optimizer,
             resume[0],
         )
-        metadata = read_checkpoint_metadata(save)
-    else:
-        metadata = read_checkpoint_metadata(load)
-    mod_config = _mod_overrides(args, metadata)
-    if args.seq_length > metadata.max_seq_len:
-        raise ValueError(
-            f"--seq-length {args.seq_length} exceeds the checkpoint's max_seq_len "
-            f"{metadata.max_seq_len} ({load})"
-        )
-    platform.initialize(tp=tp, pp=pp, seed=args.seed)
-    rank = torch.distributed.get_rank()
-    log = print if rank == 0 else (lambda *a, **k: None)
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
-    num_microbatches = _num_microbatches(args, dp_size)
-    global_batch = args.micro_batch_size * num_microbatches * dp_size
-    if resume is None:
-        _prepare_save_dir(save, load, args.overwrite)
-    else:
-        if rank == 0:
-            stale = ckpt.clean_stale(save)
-            if stale:
-                log(f"removed what an interrupted save left in {save}: {', '.join(stale)}")
-        torch.distributed.barrier()  # the iteration is in place before any rank reads it
+    return resume
+
+
+def _model_overrides(args: argparse.Namespace) -> dict:
+    """TransformerConfig settings the command line adds to the checkpoint's."""
     overrides = {"sequence_parallel": True} if args.sequence_parallel else {}
     if args.bf16:
         overrides["bf16"] = True
@@ -527,7 +312,10 @@ def pretrain(args: argparse.Namespace) -> dict:
             recompute_method=args.recompute_method,
             recompute_num_layers=args.recompute_num_layers,
         )
-    dense = mod_config is None
+    return overrides
+
+
+def _use_transformer_engine(args: argparse.Namespace) -> bool | None:
     use_te = None if args.transformer_impl is None else args.transformer_impl != "local"
     if use_te:
         from megatron_mod.specs import have_transformer_engine
@@ -537,55 +325,120 @@ def pretrain(args: argparse.Namespace) -> dict:
                 "--transformer-impl transformer_engine: Transformer Engine does not import here; "
                 "install it or use --transformer-impl local"
             )
+    return use_te
+
+
+def _tokenizer_dir(args: argparse.Namespace, metadata, load: Path, save: Path, resume) -> str:
+    if args.tokenizer_model:
+        return args.tokenizer_model
+    if metadata.tokenizer_dir:
+        return str((save if resume is not None else load) / metadata.tokenizer_dir)
+    raise ValueError(f"{load} records no tokenizer; pass --tokenizer-model DIR")
+
+
+def _saved_metadata(args: argparse.Namespace, metadata, mod_config, load: Path, save: Path, resume):
+    """The metadata every saved iteration records; a new run copies the tokenizer beside it."""
+    if mod_config is not None:
+        metadata = dataclasses.replace(metadata, mod=mod_config.to_dict())
+    metadata = dataclasses.replace(
+        metadata,
+        params_dtype="bfloat16" if args.bf16 else "float32",
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+    )
+    if resume is None:
+        copy_tokenizer = None
+        if save.resolve() != load.resolve() and metadata.tokenizer_dir:
+            copy_tokenizer = (load / metadata.tokenizer_dir, save / metadata.tokenizer_dir)
+        if args.tokenizer_model and not metadata.tokenizer_dir:
+            copy_tokenizer = (Path(args.tokenizer_model), save / "tokenizer")
+            metadata = dataclasses.replace(metadata, tokenizer_dir="tokenizer")
+        if copy_tokenizer and torch.distributed.get_rank() == 0:
+            shutil.copytree(*copy_tokenizer, dirs_exist_ok=True)
+    return metadata
+
+
+def build_run(args: argparse.Namespace) -> TrainingRun:
+    """Check the command, set up the process groups, and build the model, data and optimizer.
+
+    A resumed run is checked against the saved arguments before anything is built, and its
+    optimizer, scheduler, RNG and controller state are loaded.
+    """
+    from megatron.core import parallel_state
+
+    from megatron_mod import platform
+    from megatron_mod.checkpointing import (
+        build_model_from_metadata,
+        load_model_checkpoint,
+        read_checkpoint_metadata,
+    )
+    from megatron_mod.data.datasets import build_gpt_datasets, read_data_args_file
+    from megatron_mod.data.megatron_tokenizer import megatron_tokenizer
+    from megatron_mod.training import checkpoint as ckpt
+    from megatron_mod.training.loop import ExitSignalHandler, TrainConfig
+    from megatron_mod.training.optimizer import setup_model_and_optimizer
+
+    run_start = time.monotonic()
+    # Installed first, so a SIGTERM while the model and data load is not lost either.
+    exit_handler = ExitSignalHandler() if args.exit_signal_handler else None
+    load, save = Path(args.load), Path(args.save)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    _check_layout(args)
+    blend = args.data_path or read_data_args_file(args.data_args_path)
+    resolved = resolved_args(args, blend, world_size() // (tp * pp))
+
+    # Everything cheap first: a resumed run is checked before any model or data is built.
+    resume = _find_resume(args, resolved, save)
+    metadata = read_checkpoint_metadata(save if resume is not None else load)
+    mod_config = _mod_overrides(args, metadata)
+    if args.seq_length > metadata.max_seq_len:
+        raise ValueError(
+            f"--seq-length {args.seq_length} exceeds the checkpoint's max_seq_len "
+            f"{metadata.max_seq_len} ({load})"
+        )
+    if args.mod_target_compute is not None and mod_config is None:
+        raise ValueError("--mod-target-compute needs a MoD checkpoint (this one is dense)")
+    platform.initialize(tp=tp, pp=pp, seed=args.seed)
+    rank = torch.distributed.get_rank()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    microbatches = num_microbatches(args, dp_size)
+    global_batch = args.micro_batch_size * microbatches * dp_size
+    if resume is None:
+        _prepare_save_dir(save, load, args.overwrite)
+    else:
+        if rank == 0:
+            stale = ckpt.clean_stale(save)
+            if stale:
+                print(f"removed what an interrupted save left in {save}: {', '.join(stale)}")
+        torch.distributed.barrier()  # the iteration is in place before any rank reads it
+
+    dense = mod_config is None
+    use_te = _use_transformer_engine(args)
     if resume is None:
         model, metadata = load_model_checkpoint(
-            load, mod_config=mod_config, dense=dense, use_transformer_engine=use_te, **overrides
-        )
+            load, mod_config=mod_config, dense=dense, use_transformer_engine=use_te,
+            **_model_overrides(args),
+        )  # fmt: skip
     else:
         model = build_model_from_metadata(
-            metadata, mod_config, dense, use_transformer_engine=use_te, **overrides
+            metadata, mod_config, dense, use_transformer_engine=use_te, **_model_overrides(args)
         )
-    num_layers = metadata.num_layers
-    tokenizer_dir = args.tokenizer_model or (
-        str(load / metadata.tokenizer_dir) if metadata.tokenizer_dir else None
-    )
-    if resume is not None and not args.tokenizer_model and metadata.tokenizer_dir:
-        tokenizer_dir = str(save / metadata.tokenizer_dir)
-    if tokenizer_dir is None:
-        raise ValueError(f"{load} records no tokenizer; pass --tokenizer-model DIR")
+    tokenizer_dir = _tokenizer_dir(args, metadata, load, save, resume)
 
-    cfg = TrainConfig(
+    train_iters = resolved["train_iters"]
+    cfg = TrainConfig.from_args(
+        args,
         train_iters=train_iters,
-        micro_batch_size=args.micro_batch_size,
-        num_microbatches=num_microbatches,
-        seq_length=args.seq_length,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_iters=args.lr_warmup_iters,
+        num_microbatches=microbatches,
         lr_decay_iters=resolved["lr_decay_iters"],
-        lr_decay_style=args.lr_decay_style,
-        weight_decay=args.weight_decay,
-        clip_grad=args.clip_grad,
-        use_distributed_optimizer=args.use_distributed_optimizer,
-        overlap_grad_reduce=args.overlap_grad_reduce,
-        router_lr_mult=args.mod_router_lr_mult,
-        train_routers_only=args.mod_train_routers_only,
-        on_nan=args.on_nan,
-        exit_signal_handler=args.exit_signal_handler,
-        exit_duration_in_mins=args.exit_duration_in_mins,
-        log_interval=args.log_interval,
-        tensorboard_dir=args.tensorboard_dir,
     )
     evals = 1 + (train_iters // args.eval_interval if args.eval_interval else 0)
     train_ds, valid_ds, _ = build_gpt_datasets(
         blend,
         megatron_tokenizer(args.tokenizer_type, tokenizer_dir),
         seq_length=args.seq_length,
-        num_samples=(
-            train_iters * global_batch,
-            evals * args.eval_iters * global_batch,
-            0,
-        ),
+        num_samples=(train_iters * global_batch, evals * args.eval_iters * global_batch, 0),
         split=args.split,
         seed=args.seed,
         path_to_cache=args.data_cache_path,
@@ -596,25 +449,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     )
     if valid_ds is None:
         raise ValueError(f"--split {args.split} leaves no validation data; give it a valid weight")
-
-    # What every saved iteration records as the model config, and the tokenizer beside it.
-    if mod_config is not None:
-        metadata = dataclasses.replace(metadata, mod=mod_config.to_dict())
-    metadata = dataclasses.replace(
-        metadata,
-        params_dtype="bfloat16" if args.bf16 else "float32",
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-    )
-    if resume is None:
-        copy_tokenizer = None
-        if save.resolve() != load.resolve() and metadata.tokenizer_dir:
-            copy_tokenizer = (load / metadata.tokenizer_dir, save / metadata.tokenizer_dir)
-        if args.tokenizer_model and not metadata.tokenizer_dir:
-            copy_tokenizer = (Path(args.tokenizer_model), save / "tokenizer")
-            metadata = dataclasses.replace(metadata, tokenizer_dir="tokenizer")
-        if copy_tokenizer and rank == 0:
-            shutil.copytree(*copy_tokenizer, dirs_exist_ok=True)
+    metadata = _saved_metadata(args, metadata, mod_config, load, save, resume)
 
     writer = None
     if args.tensorboard_dir and rank == 0:
@@ -622,160 +457,140 @@ def pretrain(args: argparse.Namespace) -> dict:
 
         writer = SummaryWriter(args.tensorboard_dir)
 
-    def run_eval(label: str, iteration: int):
-        result = evaluate(
-            model,
-            gpt_batches(valid_ds, args.micro_batch_size, 0, dp_rank, dp_size),
-            args.eval_iters * num_microbatches,
-            args.micro_batch_size,
-            args.seq_length,
-            num_layers,
-        )
-        kept = format_kept(result.kept_fraction)
-        log(
-            f" validation ({label}) | lm loss {result.lm_loss:.4f} | "
-            f"c_eff {result.c_eff:.3f} | kept {kept}",
-            flush=True,
-        )
-        if writer is not None:
-            writer.add_scalar("validation/lm loss", result.lm_loss, iteration)
-            writer.add_scalar("validation/ppl", math.exp(min(result.lm_loss, 30.0)), iteration)
-            writer.add_scalar("validation/c_eff", result.c_eff, iteration)
-        return result
-
     controller = None
     if args.mod_target_compute is not None:
         from megatron_mod.training.controller import ComputeTargetConfig, ComputeTargetController
 
-        if mod_config is None:
-            raise ValueError("--mod-target-compute needs a MoD checkpoint (this one is dense)")
         # The layers read their coefficients from this MoDConfig, which the controller updates.
         controller = ComputeTargetController(
             mod_config,
-            num_layers,
+            metadata.num_layers,
             ComputeTargetConfig(
                 target=args.mod_target_compute, warmup_steps=args.mod_target_warmup_steps
             ),
         )
     training = setup_model_and_optimizer(model, cfg)
-    ddp_model, optimizer, scheduler = training
-    start_iteration, skipped = 0, 0
-    state = None
+    run = TrainingRun(
+        args=args, resolved=resolved, load=load, save=save, resume=resume, metadata=metadata,
+        mod_config=mod_config, model=model, cfg=cfg, training=training, controller=controller,
+        train_ds=train_ds, valid_ds=valid_ds, start_iteration=0, skipped=0,
+        global_batch=global_batch, dp_rank=dp_rank, dp_size=dp_size, writer=writer,
+        exit_handler=exit_handler, run_start=run_start,
+    )  # fmt: skip
     if resume is not None:
+        _, optimizer, scheduler = training
         state = ckpt.load_training_checkpoint(resume[0], model, optimizer, scheduler)
-        start_iteration, skipped = state.iteration, state.skipped_iterations
+        run.start_iteration, run.skipped = state.iteration, state.skipped_iterations
+        run.saved_iteration = state.iteration
         if controller is not None and state.controller is not None:
             controller.load_state_dict(state.controller)
-        if state.consumed_samples != start_iteration * global_batch:
+        if state.consumed_samples != state.iteration * global_batch:
             raise ValueError(
                 f"{resume[0]}: consumed samples {state.consumed_samples} != iteration "
-                f"{start_iteration} x global batch {global_batch}"
+                f"{state.iteration} x global batch {global_batch}"
             )
+    return run
 
-    saved = {"iteration": start_iteration if resume is not None else None}
 
-    def save_checkpoint(iteration: int) -> Path:
-        t0 = time.perf_counter()
-        iter_dir = ckpt.save_training_checkpoint(
-            save,
-            model,
-            optimizer,
-            scheduler,
-            metadata,
-            ckpt.TrainState(
-                iteration=iteration,
-                consumed_samples=iteration * global_batch,
-                scheduler={},
-                args=resolved,
-                layout={},
-                skipped_iterations=skipped,
-                controller=controller.state_dict() if controller is not None else None,
-            ),
-            keep_last=args.keep_last,
-            optimizer_format=(
-                "fully_reshardable" if args.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
-            ),
-        )
-        saved["iteration"] = iteration
-        log(
-            f"saved checkpoint {iter_dir} (iteration {iteration}) in "
-            f"{time.perf_counter() - t0:.1f} s",
-            flush=True,
-        )
-        return iter_dir
+def run_training(run: TrainingRun) -> tuple[list, object]:
+    """Evaluate (a new run), then train to ``train_iters``, saving every ``--save-interval``.
+
+    Returns:
+        ``(step results, validation result before training or None when resumed)``.
+    """
+    from megatron_mod.training.loop import train
+    from megatron_mod.training.throughput import ModelFlops
+
+    args = run.args
 
     def hook(step):
-        nonlocal skipped
-        skipped += step.skipped
-        if controller is not None and not step.skipped:
+        run.skipped += step.skipped
+        if run.controller is not None and not step.skipped:
             # Kept fractions are reduced over all ranks, so every rank sets the same coefficients.
-            controller.update(step.kept_fraction)
+            run.controller.update(step.kept_fraction)
         if args.eval_interval and step.iteration % args.eval_interval == 0:
-            run_eval(f"iteration {step.iteration}", step.iteration)
+            run.evaluate(f"iteration {step.iteration}", step.iteration)
         if step.exit_requested or (args.save_interval and step.iteration % args.save_interval == 0):
-            save_checkpoint(step.iteration)
+            run.save_checkpoint(step.iteration)
 
-    log(
-        f"loaded {save if resume else load}: {num_layers} layers, "
+    cfg, metadata = run.cfg, run.metadata
+    run.log(
+        f"loaded {run.save if run.resume else run.load}: {run.num_layers} layers, "
         f"hidden {metadata.dims().hidden_size}, "
-        f"MoD {mod_config.to_dict() if mod_config else 'dense'}\n"
-        f"layout: TP {tp}, PP {pp}, DP {dp_size}{', SP' if args.sequence_parallel else ''}"
+        f"MoD {run.mod_config.to_dict() if run.mod_config else 'dense'}\n"
+        f"layout: TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}, "
+        f"DP {run.dp_size}{', SP' if args.sequence_parallel else ''}"
         f"{', distributed optimizer' if args.use_distributed_optimizer else ''} | global batch "
-        f"{global_batch} = {args.micro_batch_size} x {num_microbatches} micro-batches x DP "
-        f"{dp_size} | {'bf16' if args.bf16 else 'fp32'}"
+        f"{run.global_batch} = {args.micro_batch_size} x {cfg.num_microbatches} micro-batches x "
+        f"DP {run.dp_size} | {'bf16' if args.bf16 else 'fp32'}"
         f"{f' | recompute {args.recompute_granularity}' if args.recompute_granularity else ''}",
         flush=True,
     )
-    if resume is not None:
-        log(
-            f"resuming from {resume[0]}: iteration {start_iteration}/{train_iters}, consumed "
-            f"samples {start_iteration * global_batch} (re-running the command continues the "
-            "run saved in --save)",
+    if run.resume is not None:
+        run.log(
+            f"resuming from {run.resume[0]}: iteration {run.start_iteration}/{cfg.train_iters}, "
+            f"consumed samples {run.start_iteration * run.global_batch} (re-running the command "
+            "continues the run saved in --save)",
             flush=True,
         )
-    start = time.perf_counter()
-    before = run_eval("before training", start_iteration) if resume is None else None
+    before = run.evaluate("before training", 0) if run.resume is None else None
+    start = run.start_iteration * run.global_batch
     results = train(
-        model,
-        gpt_batches(
-            train_ds, args.micro_batch_size, start_iteration * global_batch, dp_rank, dp_size
-        ),
+        run.model,
+        gpt_batches(run.train_ds, args.micro_batch_size, start, run.dp_rank, run.dp_size),
         cfg,
-        num_layers,
+        run.num_layers,
         step_hook=hook,
-        training=training,
-        start_iteration=start_iteration,
-        flops=ModelFlops.from_config(model.config, metadata.padded_vocab_size, args.seq_length),
-        writer=writer,
-        run_start=run_start,
-        exit_handler=exit_handler,
+        training=run.training,
+        start_iteration=run.start_iteration,
+        flops=ModelFlops.from_config(run.model.config, metadata.padded_vocab_size, args.seq_length),
+        writer=run.writer,
+        run_start=run.run_start,
+        exit_handler=run.exit_handler,
     )
-    if exit_handler is not None:
-        exit_handler.restore()
-    last_iteration = results[-1].iteration if results else start_iteration
+    if run.exit_handler is not None:
+        run.exit_handler.restore()
+    return results, before
+
+
+def finish_run(run: TrainingRun, results: list, before, seconds: float) -> dict:
+    """Evaluate, record the top-k decode threshold, save the last step, and summarise.
+
+    A run that stopped early (time limit, SIGTERM) has saved already and is not evaluated.
+
+    Returns:
+        The run summary (also written to ``--summary-json`` by rank 0).
+    """
+    from megatron_mod.atomic import write_text_atomic
+    from megatron_mod.training.loop import format_kept_per_layer
+
+    args = run.args
+    last_iteration = results[-1].iteration if results else run.start_iteration
     exited = bool(results) and results[-1].exit_requested
     after = None
     if not exited:
-        after = run_eval("after training", last_iteration)
-        if mod_config is not None and mod_config.routing == "topk" and results:
+        after = run.evaluate("after training", last_iteration)
+        if run.mod_config is not None and run.mod_config.routing == "topk" and results:
             decode_threshold = topk_decode_threshold(results)
-            mod_config = dataclasses.replace(mod_config, topk_decode_threshold=decode_threshold)
-            metadata = dataclasses.replace(metadata, mod=mod_config.to_dict())
-            log(f"top-k decode threshold (mean smallest kept gate): {decode_threshold:.4f}")
-            saved["iteration"] = None  # the final checkpoint must record the threshold
-        if saved["iteration"] != last_iteration:
-            save_checkpoint(last_iteration)
-    if writer is not None:
-        writer.close()
-    iter_dir = save / f"iter_{last_iteration:07d}"
+            run.mod_config = dataclasses.replace(
+                run.mod_config, topk_decode_threshold=decode_threshold
+            )
+            run.metadata = dataclasses.replace(run.metadata, mod=run.mod_config.to_dict())
+            run.log(f"top-k decode threshold (mean smallest kept gate): {decode_threshold:.4f}")
+            run.saved_iteration = None  # the final checkpoint must record the threshold
+        if run.saved_iteration != last_iteration:
+            run.save_checkpoint(last_iteration)
+    if run.writer is not None:
+        run.writer.close()
+    iter_dir = run.save / f"iter_{last_iteration:07d}"
     summary = {
         "steps": len(results),
-        "start_iteration": start_iteration,
+        "start_iteration": run.start_iteration,
         "last_iteration": last_iteration,
-        "train_iters": train_iters,
+        "train_iters": run.cfg.train_iters,
         "exited_early": exited,
-        "skipped_iterations": skipped,
-        "seconds": round(time.perf_counter() - start, 1),
+        "skipped_iterations": run.skipped,
+        "seconds": round(seconds, 1),
         "train_lm_loss_first": results[0].lm_loss if results else None,
         "train_lm_loss_last": results[-1].lm_loss if results else None,
         "valid_lm_loss_before": before.lm_loss if before else None,
@@ -784,18 +599,18 @@ def pretrain(args: argparse.Namespace) -> dict:
         "kept_fraction_after": after.kept_fraction if after else None,
         "checkpoint": str(iter_dir),
         "layout": {
-            "tensor_model_parallel_size": tp,
-            "pipeline_model_parallel_size": pp,
-            "data_parallel_size": dp_size,
+            "tensor_model_parallel_size": args.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+            "data_parallel_size": run.dp_size,
             "sequence_parallel": args.sequence_parallel,
             "use_distributed_optimizer": args.use_distributed_optimizer,
-            "global_batch_size": global_batch,
-            "num_microbatches": num_microbatches,
+            "global_batch_size": run.global_batch,
+            "num_microbatches": run.cfg.num_microbatches,
         },
         "step_metrics": [dataclasses.asdict(r) for r in results],
     }
     if exited:
-        log(f"\nsaved {iter_dir}; re-run the same command to continue", flush=True)
+        run.log(f"\nsaved {iter_dir}; re-run the same command to continue", flush=True)
     else:
         kept = format_kept_per_layer(after.kept_fraction)
         losses = (
@@ -804,14 +619,28 @@ def pretrain(args: argparse.Namespace) -> dict:
             else ""
         )
         first = f"{before.lm_loss:.3f} -> " if before else ""
-        log(
+        run.log(
             f"\nsummary: {summary['steps']} steps in {summary['seconds']} s | {losses}"
             f"validation lm loss {first}{after.lm_loss:.3f} | c_eff {after.c_eff:.3f}"
             f"\nkept fraction per routed layer: {kept or 'none (dense)'}\nsaved {iter_dir}",
             flush=True,
         )
-    if args.summary_json and rank == 0:
+    if args.summary_json and torch.distributed.get_rank() == 0:
         Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.summary_json, json.dumps(summary, indent=1))
+    return summary
+
+
+def pretrain(args: argparse.Namespace) -> dict:
+    """Load (or resume), train, evaluate and save; returns a summary dict (printed by rank 0).
+
+    Call it on every rank of a torchrun launch (or in one process).
+    """
+    from megatron_mod import platform
+
+    run = build_run(args)
+    start = time.perf_counter()
+    results, before = run_training(run)
+    summary = finish_run(run, results, before, time.perf_counter() - start)
     platform.destroy()
     return summary
