@@ -1,0 +1,52 @@
+"""Trainer runs for the multi-layout tests: one command line, checked, its summary returned."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.helpers.subprocess_utils import REPO, free_port, subprocess_env
+
+STEPS = 4
+COMMON = [
+    "--split", "95,5,0", "--seq-length", "64", "--micro-batch-size", "2",
+    "--global-batch-size", "8", "--train-iters", str(STEPS), "--lr", "1e-3", "--min-lr", "1e-4",
+    "--lr-warmup-iters", "1", "--eval-iters", "1", "--log-interval", "1", "--overwrite",
+]  # fmt: skip
+
+
+def run_checked(cmd: list[str], timeout: int = 600) -> None:
+    # The device guard fails a run whose batches, loss buffers or collectives would use host
+    # tensors on a GPU (megatron_mod.device_guard).
+    env = dict(subprocess_env(), MEGATRON_MOD_DEVICE_GUARD="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-5000:]}"
+
+
+def run_pretrain(work, name: str, nproc: int, flags: list[str]) -> dict:
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += [
+            "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+        ]  # fmt: skip
+    summary = work / f"{name}.json"
+    run_checked(
+        [
+            *launcher,
+            str(REPO / "tools" / "pretrain_mod.py"),
+            "--load",
+            str(work / "ckpt"),
+            "--save",
+            str(work / f"trained_{name}"),
+            "--summary-json",
+            str(summary),
+            "--data-path",
+            "1.0",
+            str(work / "data" / "stdlib_text_document"),
+            *COMMON,
+            *flags,
+        ]  # fmt: skip
+    )
+    return json.loads(summary.read_text())
