@@ -3,7 +3,7 @@
 # SmolLM2-135M: same token budget, same held-out text for every variant (see
 # examples/reproduce/reproduce.py for what each variant is).
 #
-#   bash examples/reproduce_smollm2.sh --budget cpu    # ~150 steps x 1024 tokens per variant, ~2 h
+#   bash examples/reproduce_smollm2.sh --budget cpu    # 100 steps x 1024 tokens per variant, <2 h
 #   bash examples/reproduce_smollm2.sh --budget gpu    # a CUDA GPU, longer training
 #   bash examples/reproduce_smollm2.sh --budget tiny   # tiny random model, a few minutes (CI)
 #

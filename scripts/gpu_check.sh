@@ -10,9 +10,10 @@
 # Transformer Engine when a wheel installs within two minutes (optional: the local spec is used
 # otherwise). Then it runs, each step under its own time limit so one slow step cannot sink the
 # rest:
-#   1. pytest -m gpu                       (tests/test_gpu.py: bf16 training with DDP overlap,
+#   1. pytest -m gpu    (tests/integration/test_gpu.py: bf16 training with DDP overlap,
 #                                           sync count, converters, HF device_map, trainer e2e)
-#   2. the CPU suite's MoD-core tests on this host (tests/test_mod_core.py, test_gpu_readiness.py)
+#   2. the CPU suite's MoD-core tests on this host (tests/unit/test_router.py, test_layer.py,
+#      test_gpu_readiness.py)
 #   3. benchmarks/bench_layer.py on CUDA (bf16; MoD vs dense layer and model ratios)
 #   4. benchmarks/bench_inference.py on CUDA when it exists (HF MoD vs LlamaForCausalLM)
 #   5. benchmarks/bench_checkpoint.py on CUDA when it exists
@@ -109,9 +110,10 @@ EOF
 }
 
 export PYTHONUNBUFFERED=1
-run_step pytest_gpu 240 "$PY" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider --timeout 200
-run_step pytest_core 90 "$PY" -m pytest tests/test_mod_core.py tests/test_gpu_readiness.py -q \
-  -p no:cacheprovider
+run_step pytest_gpu 240 "$PY" -m pytest -m gpu tests/integration/test_gpu.py -q -p no:cacheprovider \
+  --timeout 200
+run_step pytest_core 90 "$PY" -m pytest tests/unit/test_router.py tests/unit/test_layer.py \
+  tests/unit/test_gpu_readiness.py -q -p no:cacheprovider
 run_step bench_layer 120 "$PY" benchmarks/bench_layer.py --device cuda --seq-lens 2048,8192 \
   --hidden 2048 --heads 16 --query-groups 4 --layers 4 --repeats 10 --warmup 3
 if [ -f benchmarks/bench_inference.py ]; then

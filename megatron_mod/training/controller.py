@@ -27,10 +27,11 @@ The controller writes each routed layer's multiplier into
 Its state (:meth:`state_dict`, plain numbers) belongs in the checkpoint.
 
 The default gains were tuned on the synthetic model of router dynamics in
-``tests/test_controller.py`` (Adam on each router's bias at learning rates 0.05-0.2, a language-
-model pull that differs 7x between layers, 256-token measurement noise): targets 0.6-0.9 are
-reached within +-0.05 in under 100 steps and held, with no layer below its floor. A real model's
-routers respond more slowly at small learning rates (see ``--mod-router-lr-mult``).
+``tests/unit/training/test_controller.py`` (Adam on each router's bias at learning rates
+0.05-0.2, a language-model pull that differs 7x between layers, 256-token measurement noise):
+targets 0.6-0.9 are reached within +-0.05 in under 100 steps and held, with no layer below its
+floor. A real model's routers respond more slowly at small learning rates (see
+``--mod-router-lr-mult``).
 
 Usage in a training loop::
 
