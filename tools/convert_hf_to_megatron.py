@@ -63,8 +63,8 @@ def explicit_mod_fields(argv=None) -> set[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_mod.config import MoDConfig
+    from megatron_mod.errors import USER_ERRORS, report
     from megatron_mod.hf.convert import convert_hf_to_megatron
-    from megatron_mod.hf.io import ConversionError
 
     try:
         mod_config = None if args.dense else MoDConfig.from_cli_args(args)
@@ -82,9 +82,8 @@ def main(argv=None) -> int:
             # A megatron-mod export keeps its own MoD settings except those given as flags.
             explicit_mod_fields=explicit_mod_fields(argv),
         )
-    except (ConversionError, FileNotFoundError, ValueError) as err:  # ValueError: MoDConfig flags
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:  # ConversionError, a missing file, a bad MoDConfig flag
+        return report(err)
     print(summary.format())
     return 0
 

@@ -41,8 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from megatron_mod.errors import USER_ERRORS, report
     from megatron_mod.hf.convert import convert_megatron_to_hf
-    from megatron_mod.hf.io import ConversionError
 
     try:
         summary = convert_megatron_to_hf(
@@ -55,9 +55,8 @@ def main(argv=None) -> int:
             iteration=args.iteration,
             progress=not args.no_progress,
         )
-    except (ConversionError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return report(err)
     print(summary.format())
     return 0
 

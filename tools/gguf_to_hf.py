@@ -33,14 +33,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from megatron_mod.errors import USER_ERRORS, report
     from megatron_mod.hf.gguf import gguf_to_hf
-    from megatron_mod.hf.io import ConversionError
 
     try:
         config = gguf_to_hf(args.gguf, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return report(err)
     print(
         f"{args.gguf} -> {args.out_dir}: {config.get('architectures')}, "
         f"{config.get('num_hidden_layers')} layers, hidden {config.get('hidden_size')}, "

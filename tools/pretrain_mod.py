@@ -23,6 +23,7 @@ import sys
 
 
 def main(argv=None) -> int:
+    from megatron_mod.errors import USER_ERRORS, report
     from megatron_mod.training.arguments import parse_args
     from megatron_mod.training.loop import NonFiniteError
     from megatron_mod.training.pretrain import pretrain
@@ -30,11 +31,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         pretrain(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        return report(err)
+    except NonFiniteError as err:  # not the user's input: its own exit code, for schedulers
+        report(err)
         return 3
     return 0
 

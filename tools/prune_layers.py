@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from megatron_mod.atomic import write_text_atomic
-    from megatron_mod.hf.prune import PruneError, prune_hf_llama
+    from megatron_mod.errors import USER_ERRORS, report
+    from megatron_mod.hf.prune import prune_hf_llama
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,9 +71,8 @@ def main(argv=None) -> int:
             overwrite=args.overwrite,
             progress=progress,
         )
-    except PruneError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return report(err)
     if args.plan_json:
         write_text_atomic(args.plan_json, json.dumps(plan.to_dict(), indent=2) + "\n")
     ranked = sorted(range(plan.num_layers), key=lambda i: plan.scores[i])

@@ -24,6 +24,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def python_launcher(nproc: int = 1) -> list[str]:
+    """The command prefix that runs a script in one process, or under torchrun on ``nproc``."""
+    if nproc == 1:
+        return [sys.executable]
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+    ]  # fmt: skip
+
+
 def subprocess_env(threads: int = 1) -> dict[str, str]:
     """This process's environment minus torch.distributed variables, with the repo importable.
 
@@ -44,13 +54,7 @@ def run_script(
     script: Path | str, args: list[str], nproc: int = 1, timeout: int = 300
 ) -> subprocess.CompletedProcess:
     """Run ``script`` with plain python (``nproc == 1``) or under torchrun; raise with its logs."""
-    if nproc == 1:
-        cmd = [sys.executable, str(script), *args]
-    else:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", str(script), *args,
-        ]  # fmt: skip
+    cmd = [*python_launcher(nproc), str(script), *args]
     proc = subprocess.run(
         cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
     )

@@ -19,6 +19,18 @@ TINY_LLAMA = dict(
 )
 """``LlamaConfig`` fields besides the vocabulary (head dim 8, SwiGLU width 176)."""
 
+TINY_VOCAB = 250
+"""Vocabulary of the random tiny models (padded to 256 by the converters)."""
+
+
+def tiny_hf_config_kwargs(**overrides) -> dict:
+    """``LlamaConfig`` / ``LlamaModConfig`` keyword arguments of the random tiny model: the tiny
+    shape, vocabulary 250, pad id 0 and no BOS/EOS, with ``overrides`` applied."""
+    base = dict(
+        vocab_size=TINY_VOCAB, **TINY_LLAMA, pad_token_id=0, bos_token_id=None, eos_token_id=None
+    )
+    return {**base, **overrides}
+
 
 def save_remote_code_dir(model, out) -> None:
     """Save an HF ``LlamaModForCausalLM`` as the exporter lays out a ``llama_mod`` directory:

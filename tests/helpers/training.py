@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
-from tests.helpers.subprocess_utils import REPO, free_port, subprocess_env
+from tests.helpers.subprocess_utils import REPO, python_launcher, subprocess_env
 
 STEPS = 4
 COMMON = [
@@ -25,12 +24,7 @@ def run_checked(cmd: list[str], timeout: int = 600) -> None:
 
 
 def run_pretrain(work, name: str, nproc: int, flags: list[str]) -> dict:
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += [
-            "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}",
-        ]  # fmt: skip
+    launcher = python_launcher(nproc)
     summary = work / f"{name}.json"
     run_checked(
         [

@@ -17,17 +17,15 @@ import torch
 from megatron_mod.hf.configuration_llama_mod import LlamaModConfig
 from megatron_mod.hf.modeling_llama_mod import LlamaModCache, LlamaModForCausalLM
 from tests.helpers.subprocess_utils import REPO
-from tests.helpers.tiny_llama import TINY_LLAMA, save_remote_code_dir
-
-VOCAB = 250
-CHUNK = 64  # the cache's growth unit (slots); the bound below allows one per layer
-BASE = dict(
-    vocab_size=VOCAB,
-    **{**TINY_LLAMA, "max_position_embeddings": 2048},
-    pad_token_id=0,
-    bos_token_id=None,
-    eos_token_id=None,
+from tests.helpers.tiny_llama import (
+    TINY_VOCAB,
+    save_remote_code_dir,
+    tiny_hf_config_kwargs,
 )
+
+VOCAB = TINY_VOCAB
+CHUNK = 64  # the cache's growth unit (slots); the bound below allows one per layer
+BASE = tiny_hf_config_kwargs(max_position_embeddings=2048)
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.subprocess_utils import REPO, free_port, subprocess_env
+from tests.helpers.subprocess_utils import REPO, python_launcher, subprocess_env
 
 STEPS = 6
 COMMON = [
@@ -50,12 +50,7 @@ def _env(guard: bool = True) -> dict[str, str]:
 
 
 def _command(work: Path, save: str, nproc: int = 1, flags=(), script=None, fault=()) -> list:
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += [
-            "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}",
-        ]  # fmt: skip
+    launcher = python_launcher(nproc)
     script = script or REPO / "tools" / "pretrain_mod.py"
     return [
         *launcher, str(script), *fault,
@@ -402,12 +397,7 @@ EVAL = [sys.executable, str(REPO / "tools" / "evaluate_mod.py")]
 
 
 def _evaluate(work: Path, name: str, flags=(), nproc: int = 1) -> dict:
-    launcher = list(EVAL)
-    if nproc > 1:
-        launcher = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", *EVAL[1:],
-        ]  # fmt: skip
+    launcher = [*python_launcher(nproc), *EVAL[1:]]
     out = work / f"{name}.json"
     _run(
         [

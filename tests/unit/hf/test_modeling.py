@@ -15,16 +15,14 @@ import torch
 
 from megatron_mod.hf.configuration_llama_mod import LlamaModConfig
 from megatron_mod.hf.modeling_llama_mod import LlamaModCache, LlamaModForCausalLM
-from tests.helpers.tiny_llama import TINY_LLAMA, save_remote_code_dir
-
-VOCAB = 250
-BASE = dict(
-    vocab_size=VOCAB,
-    **TINY_LLAMA,
-    pad_token_id=0,
-    bos_token_id=None,
-    eos_token_id=None,
+from tests.helpers.tiny_llama import (
+    TINY_VOCAB,
+    save_remote_code_dir,
+    tiny_hf_config_kwargs,
 )
+
+VOCAB = TINY_VOCAB
+BASE = tiny_hf_config_kwargs()
 
 
 @pytest.fixture(autouse=True)
