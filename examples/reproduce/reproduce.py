@@ -11,7 +11,9 @@ Variants (each continued-trained from the same base, same data order, same token
   ``tools/prune_layers.py``) down to that c_eff, then dense continued training;
 * ``d_routers_only``: as ``a`` with the base frozen, only the routers trained
   (``--mod-train-routers-only``; reported as not run when the trainer lacks the flag);
-* ``e_dense``: dense continued training (the ceiling).
+* ``e_dense``: dense continued training (the ceiling);
+* ``f_fixed_alpha``: as ``a`` with the paper's fixed load-loss coefficient (alpha, no compute
+  target), to show what the published recipe does at this budget.
 
 Each is scored on the same token windows of held-out in-domain text (standard-library docstrings
 never trained on) and of a second source (licence texts), with c_eff and prefill speed measured
@@ -47,7 +49,7 @@ sys.path.insert(0, str(HERE))
 
 import measure  # noqa: E402
 
-VARIANTS = ("a_modification", "b_topk", "c_shortgpt", "d_routers_only", "e_dense")
+VARIANTS = ("a_modification", "b_topk", "c_shortgpt", "d_routers_only", "e_dense", "f_fixed_alpha")
 LABELS = {
     "base": "base (untouched)",
     "a_modification": "(a) MoDification: threshold p + load loss",
@@ -55,6 +57,7 @@ LABELS = {
     "c_shortgpt": "(c) ShortGPT layer removal + dense training",
     "d_routers_only": "(d) routers only, base frozen",
     "e_dense": "(e) dense continued training",
+    "f_fixed_alpha": "(f) MoDification, fixed alpha (no compute target)",
 }
 TRAIN_SUMMARY_KEYS = (
     "steps",
@@ -399,8 +402,13 @@ def _train_argv(ctx: Context, load: Path, save: Path, extra: list[str]) -> list[
     return argv + extra
 
 
-def routed_settings(ctx: Context, routers_only: bool) -> tuple[list[str], list[str], dict]:
-    """(converter flags, trainer flags, settings record) of a threshold-routed MoD variant."""
+def routed_settings(
+    ctx: Context, routers_only: bool, fixed_alpha: bool = False
+) -> tuple[list[str], list[str], dict]:
+    """(converter flags, trainer flags, settings record) of a threshold-routed MoD variant.
+
+    ``fixed_alpha``: the configured alpha as is, without the compute-target controller.
+    """
     b = ctx.budget
     convert = ["--mod-routing", "threshold", "--mod-threshold", str(b.threshold),
                "--mod-gate", "straight_through", "--mod-routed-layers", "every_other",
@@ -409,7 +417,11 @@ def routed_settings(ctx: Context, routers_only: bool) -> tuple[list[str], list[s
     settings = {"routing": "threshold", "threshold": b.threshold, "gate": "straight_through",
                 "routed_layers": "every_other", "router_init_bias": b.router_init_bias,
                 "router_init_std": b.router_init_std}  # fmt: skip
-    if "--mod-target-compute" in ctx.flags:
+    if fixed_alpha:
+        train = ["--mod-load-loss-coeff", str(b.alpha)]
+        settings.update(load_loss_coeff=b.alpha, target_compute=None)
+        settings["compute_control"] = f"fixed alpha {b.alpha} (the paper's default)"
+    elif "--mod-target-compute" in ctx.flags:
         train = ["--mod-load-loss-coeff", str(b.alpha), "--mod-target-compute",
                  str(b.target_compute)]  # fmt: skip
         settings.update(load_loss_coeff=b.alpha, target_compute=b.target_compute)
@@ -514,7 +526,7 @@ def run_variant(ctx: Context, name: str, results: dict) -> dict:
     if name == "base":
         hf = base
         record["settings"] = {"trained": "no"}
-    elif name in ("a_modification", "d_routers_only"):
+    elif name in ("a_modification", "d_routers_only", "f_fixed_alpha"):
         routers_only = name == "d_routers_only"
         if routers_only and "--mod-train-routers-only" not in ctx.flags:
             record.update(
@@ -523,7 +535,9 @@ def run_variant(ctx: Context, name: str, results: dict) -> dict:
             )
             log(f"   not run: {record['reason']}")
             return record  # not written: a later trainer may offer the flag
-        convert, train, settings = routed_settings(ctx, routers_only)
+        convert, train, settings = routed_settings(
+            ctx, routers_only, fixed_alpha=name == "f_fixed_alpha"
+        )
         hf = train_variant(ctx, name, base, convert, train, dense=False)
         record["settings"] = settings
     elif name == "b_topk":

@@ -61,15 +61,20 @@ def test_reproduce_tiny_runs_every_variant_and_resumes(tmp_path):
     report = json.loads(report_path.read_text())
     assert report_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = {r["name"]: r for r in report["variants"]}
-    names = ["base", "a_modification", "b_topk", "c_shortgpt", "d_routers_only", "e_dense"]
+    names = ["base", "a_modification", "b_topk", "c_shortgpt", "d_routers_only", "e_dense",
+             "f_fixed_alpha"]  # fmt: skip
     assert list(rows) == names
     layers = report["data"]["base_layers"]
     assert layers == 4
 
     # Same budget for every trained variant.
     budget = report["budget_settings"]
-    for name in ("a_modification", "b_topk", "c_shortgpt", "e_dense"):
+    for name in ("a_modification", "b_topk", "c_shortgpt", "e_dense", "f_fixed_alpha"):
         assert rows[name]["train"]["last_iteration"] == budget["train_iters"], name
+    # (f) is (a)'s recipe at the configured alpha, without the compute target.
+    assert rows["f_fixed_alpha"]["settings"]["target_compute"] is None
+    assert rows["f_fixed_alpha"]["settings"]["load_loss_coeff"] == budget["alpha"]
+    assert rows["a_modification"]["settings"]["target_compute"] == budget["target_compute"]
     # The untouched base's held-out loss equals transformers' own loss on the same text.
     ref = _heldout_loss(work / "base", work / "corpus" / "heldout.jsonl",
                         budget["eval_seq_length"], budget["eval_windows"])  # fmt: skip
