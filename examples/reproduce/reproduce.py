@@ -12,8 +12,9 @@ Variants (each continued-trained from the same base, same data order, same token
 * ``d_routers_only``: as ``a`` with the base frozen, only the routers trained
   (``--mod-train-routers-only``; reported as not run when the trainer lacks the flag);
 * ``e_dense``: dense continued training (the ceiling);
-* ``f_fixed_alpha``: as ``a`` with the paper's fixed load-loss coefficient (alpha, no compute
-  target), to show what the published recipe does at this budget.
+* ``f_fixed_alpha``: MoDification with the project's (the method's) defaults: the ``scale`` gate
+  (``h + g * (layer(h) - h)``), router bias +2 and the fixed load-loss coefficient alpha, no
+  compute target, to show what the published recipe does at this budget.
 
 Each is scored on the same token windows of held-out in-domain text (standard-library docstrings
 never trained on) and of a second source (licence texts), with c_eff and prefill speed measured
@@ -57,7 +58,7 @@ LABELS = {
     "c_shortgpt": "(c) ShortGPT layer removal + dense training",
     "d_routers_only": "(d) routers only, base frozen",
     "e_dense": "(e) dense continued training",
-    "f_fixed_alpha": "(f) MoDification, fixed alpha (no compute target)",
+    "f_fixed_alpha": "(f) MoDification defaults: scale gate, bias +2, fixed alpha",
 }
 TRAIN_SUMMARY_KEYS = (
     "steps",
@@ -407,15 +408,21 @@ def routed_settings(
 ) -> tuple[list[str], list[str], dict]:
     """(converter flags, trainer flags, settings record) of a threshold-routed MoD variant.
 
-    ``fixed_alpha``: the configured alpha as is, without the compute-target controller.
+    ``fixed_alpha``: the method's defaults instead: the ``scale`` gate, the default router bias
+    and the configured alpha as is, without the compute-target controller.
     """
+    from megatron_mod.config import MoDConfig
+
     b = ctx.budget
+    gate, bias = "straight_through", b.router_init_bias
+    if fixed_alpha:
+        gate, bias = MoDConfig.gate, MoDConfig.router_init_bias
     convert = ["--mod-routing", "threshold", "--mod-threshold", str(b.threshold),
-               "--mod-gate", "straight_through", "--mod-routed-layers", "every_other",
-               "--mod-router-init-bias", str(b.router_init_bias),
+               "--mod-gate", gate, "--mod-routed-layers", "every_other",
+               "--mod-router-init-bias", str(bias),
                "--mod-router-init-std", str(b.router_init_std)]  # fmt: skip
-    settings = {"routing": "threshold", "threshold": b.threshold, "gate": "straight_through",
-                "routed_layers": "every_other", "router_init_bias": b.router_init_bias,
+    settings = {"routing": "threshold", "threshold": b.threshold, "gate": gate,
+                "routed_layers": "every_other", "router_init_bias": bias,
                 "router_init_std": b.router_init_std}  # fmt: skip
     if fixed_alpha:
         train = ["--mod-load-loss-coeff", str(b.alpha)]

@@ -71,9 +71,10 @@ def test_reproduce_tiny_runs_every_variant_and_resumes(tmp_path):
     budget = report["budget_settings"]
     for name in ("a_modification", "b_topk", "c_shortgpt", "e_dense", "f_fixed_alpha"):
         assert rows[name]["train"]["last_iteration"] == budget["train_iters"], name
-    # (f) is (a)'s recipe at the configured alpha, without the compute target.
-    assert rows["f_fixed_alpha"]["settings"]["target_compute"] is None
-    assert rows["f_fixed_alpha"]["settings"]["load_loss_coeff"] == budget["alpha"]
+    # (f) is the method's defaults: scale gate, default bias, the configured alpha, no target.
+    f = rows["f_fixed_alpha"]["settings"]
+    assert (f["gate"], f["router_init_bias"]) == ("scale", 2.0)
+    assert f["target_compute"] is None and f["load_loss_coeff"] == budget["alpha"]
     assert rows["a_modification"]["settings"]["target_compute"] == budget["target_compute"]
     # The untouched base's held-out loss equals transformers' own loss on the same text.
     ref = _heldout_loss(work / "base", work / "corpus" / "heldout.jsonl",
