@@ -28,9 +28,8 @@ CHUNK = 64  # the cache's growth unit (slots); the bound below allows one per la
 BASE = tiny_hf_config_kwargs(max_position_embeddings=2048)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    """Small CPU models run faster (and steadier) on one thread."""
+# Small CPU models run faster (and steadier) on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(router_bias: float) -> LlamaModForCausalLM:

@@ -22,9 +22,8 @@ from tools.sweep_threshold import pareto_front
 SEQ = 48
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    """Small CPU models run faster (and steadier) on one thread."""
+# Small CPU models run faster (and steadier) on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

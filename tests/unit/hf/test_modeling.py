@@ -25,9 +25,8 @@ VOCAB = TINY_VOCAB
 BASE = tiny_hf_config_kwargs()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    """Small CPU models run faster (and steadier) on one thread."""
+# Small CPU models run faster (and steadier) on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(seed=0, router_std=0.2, router_bias=0.0, **mod) -> LlamaModForCausalLM:
