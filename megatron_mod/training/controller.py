@@ -30,8 +30,17 @@ The default gains were tuned on the synthetic model of router dynamics in
 ``tests/unit/training/test_controller.py`` (Adam on each router's bias at learning rates
 0.05-0.2, a language-model pull that differs 7x between layers, 256-token measurement noise):
 targets 0.6-0.9 are reached within +-0.05 in under 100 steps and held, with no layer below its
-floor. A real model's routers respond more slowly at small learning rates (see
-``--mod-router-lr-mult``).
+floor.
+
+**On a real model it is not yet enough** (SmolLM2-135M, ``examples/reproduce_smollm2.sh --budget
+cpu``: target 0.75, routers zero-initialised, Adam at lr 1e-4). The routers did not lower their
+kept fractions gradually. Each layer fell off a cliff: with zero router weights, once the load
+loss dominates a router's gradient, every token's logit moves by about ``lr * ||h||_1`` per
+step, so all of the layer's tokens cross p together. Two layers went from > 90 % to < 10 % kept
+in two steps, faster than the guard can react, and Adam's momentum carried them on to 0. The run
+ended at c_eff 0.675 with 10 of 15 routed layers near 0: whole layers dropped, the floor not
+held. At a 10x router learning rate the same happened in 15 steps; at 0.1x no router moved in
+18 steps while the multiplier wound up 40x.
 
 Usage in a training loop::
 
