@@ -1,7 +1,7 @@
 """Shared inputs for the data-pipeline tests: real English text and locally trained tokenizers.
 
 Built once per test session (cached here, under pytest's session temp directory) and reused by
-every ``tests/test_data_*.py`` module.
+every module of ``tests/unit/data/``.
 """
 
 from __future__ import annotations

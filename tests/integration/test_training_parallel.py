@@ -63,7 +63,7 @@ def test_reference_run_routes_and_learns(reference):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_reproduces_the_single_processrun_checked(reference, layout, mcore):
+def test_layout_reproduces_the_single_process_run(reference, layout, mcore):
     from megatron_mod.checkpointing import load_model_checkpoint
 
     work, ref = reference

@@ -28,7 +28,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.subprocess_utils import REPO, python_launcher, subprocess_env
+from tests.helpers.subprocess_utils import (
+    DISTRIBUTED_SCRIPTS,
+    REPO,
+    python_launcher,
+    subprocess_env,
+)
 
 STEPS = 6
 COMMON = [
@@ -40,7 +45,7 @@ COMMON = [
     "--mod-target-compute", "0.35", "--mod-target-warmup-steps", "2",
 ]  # fmt: skip
 METRICS = ("lm_loss", "load_loss", "grad_norm", "lr", "kept_fraction")
-FAULTS = REPO / "tests" / "distributed" / "train_faults.py"
+FAULTS = DISTRIBUTED_SCRIPTS / "train_faults.py"
 
 pytestmark = pytest.mark.slow
 

@@ -382,7 +382,8 @@ def test_save_and_load_with_trust_remote_code(tmp_path):
     assert type(loaded).__name__ == "LlamaModForCausalLM"
     if transformers.__version__.startswith("4."):
         # transformers 5 prefers a class registered in this process (megatron_mod registers
-        # llama_mod) over the copied file; tests/test_families.py loads exports in a clean process.
+        # llama_mod) over the copied file; tests/unit/hf/test_families.py loads exports in a
+        # clean process.
         assert type(loaded).__module__.startswith("transformers_modules")  # the copied file
     with torch.no_grad():
         want = model(ids, attention_mask=mask, output_router_stats=True)
