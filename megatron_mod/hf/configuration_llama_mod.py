@@ -16,6 +16,7 @@ __all__ = ["LlamaModConfig"]
 _TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 ROUTING_CHOICES = ("threshold", "topk")
 GATE_CHOICES = ("scale", "straight_through")
+ROUTER_INPUT_CHOICES = ("rms_normed", "hidden")
 
 
 def _bad(key: str, value, allowed: str) -> ValueError:
@@ -51,6 +52,13 @@ class LlamaModConfig(LlamaConfig):
             prompt (the first, cache-filling forward) still uses top-k. ``None`` makes cached
             decoding of a top-k model an error; decode with ``use_cache=False`` instead, which
             re-ranks the whole sequence at each step.
+        mod_router_input: ``"rms_normed"`` (the router reads ``h / rms(h)``) or ``"hidden"``
+            (raw ``h``; exports written before the option existed).
+        mod_keep_first_token: threshold routing always keeps the token at position 0 (the
+            attention sink) in every routed layer.
+        mod_layer_thresholds: per-layer thresholds ``{"layer": p}`` replacing ``mod_threshold``
+            in those layers (set by training with a compute target); ``set_mod_threshold``
+            clears them.
         attention_qkv_bias: q/k/v projections carry biases and o_proj none (Qwen2 / Qwen2.5
             converted to MoD); ``attention_bias`` (biases on all four) stays LLaMA's.
         **kwargs: ``LlamaConfig`` arguments (``rope_theta``/``rope_scaling`` or transformers 5's
@@ -67,6 +75,9 @@ class LlamaModConfig(LlamaConfig):
         mod_gate: str = "scale",
         mod_routed_layers=None,
         mod_topk_decode_threshold: float | None = None,
+        mod_router_input: str = "hidden",
+        mod_keep_first_token: bool = False,
+        mod_layer_thresholds: dict | None = None,
         attention_qkv_bias: bool = False,
         **kwargs,
     ):
@@ -83,6 +94,9 @@ class LlamaModConfig(LlamaConfig):
         self.mod_gate = mod_gate
         self.mod_routed_layers = mod_routed_layers
         self.mod_topk_decode_threshold = mod_topk_decode_threshold
+        self.mod_router_input = mod_router_input
+        self.mod_keep_first_token = mod_keep_first_token
+        self.mod_layer_thresholds = dict(mod_layer_thresholds or {})
         super().__init__(**kwargs)
         self.validate_mod()
 
@@ -107,6 +121,28 @@ class LlamaModConfig(LlamaConfig):
         if decode is not None and (not _is_real(decode) or not 0.0 <= decode <= 1.0):
             raise _bad("mod_topk_decode_threshold", decode, "None or a float with 0 <= p <= 1")
         self.mod_routed_layers = self._routed_layer_list(self.mod_routed_layers)
+        if self.mod_router_input not in ROUTER_INPUT_CHOICES:
+            raise _bad("mod_router_input", self.mod_router_input, " | ".join(ROUTER_INPUT_CHOICES))
+        if not isinstance(self.mod_keep_first_token, bool):
+            raise _bad("mod_keep_first_token", self.mod_keep_first_token, "true | false")
+        thresholds = {}
+        for key, value in (self.mod_layer_thresholds or {}).items():
+            try:
+                layer = int(key)
+            except (TypeError, ValueError):
+                layer = -1
+            if layer not in self.mod_routed_layers or not _is_real(value) or not 0 <= value <= 1:
+                raise _bad(
+                    "mod_layer_thresholds",
+                    self.mod_layer_thresholds,
+                    "a dict {routed layer index: p with 0 <= p <= 1}",
+                )
+            thresholds[str(layer)] = float(value)
+        self.mod_layer_thresholds = thresholds
+
+    def layer_threshold(self, layer_idx: int) -> float:
+        """The gate threshold of routed layer ``layer_idx`` (its own, else ``mod_threshold``)."""
+        return self.mod_layer_thresholds.get(str(layer_idx), self.mod_threshold)
 
     def _routed_layer_list(self, spec) -> list[int]:
         num_layers = self.num_hidden_layers

@@ -61,21 +61,35 @@ _TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 # ----------------------------------------------------------------------------------- router
 
 
-class LlamaModRouter(nn.Module):
-    """``Linear(hidden -> 1)`` kept in fp32: ``logit = w . h + b`` for every token.
+def _threshold_logit(p: float) -> float:
+    """The logit where sigmoid reaches ``p`` (-inf for 0, +inf for 1)."""
+    if p <= 0.0:
+        return -math.inf
+    if p >= 1.0:
+        return math.inf
+    return math.log(p) - math.log1p(-p)
 
-    The parameters stay fp32 even when the rest of the model is cast (``model.to(bfloat16)``,
-    ``from_pretrained(..., torch_dtype=torch.bfloat16)``): routing decisions must not depend on
-    the serving dtype, and the Megatron router is fp32 too.
+
+class LlamaModRouter(nn.Module):
+    """``Linear(hidden -> 1)`` kept in fp32: ``logit = w . x + b`` for every token.
+
+    ``x`` is ``h / rms(h)`` (``rms_normed``, no learned scale) or ``h`` itself (``hidden``), as
+    the Megatron router computes it. The parameters stay fp32 even when the rest of the model
+    is cast (``model.to(bfloat16)``, ``from_pretrained(..., torch_dtype=torch.bfloat16)``):
+    routing decisions must not depend on the serving dtype, and the Megatron router is fp32 too.
 
     Args:
         hidden_size: model width.
+        router_input: ``"rms_normed"`` or ``"hidden"``.
+        eps: the RMS normalisation's epsilon (the model's ``rms_norm_eps``).
     """
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, router_input: str = "hidden", eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1, hidden_size, dtype=torch.float32))
         self.bias = nn.Parameter(torch.zeros(1, dtype=torch.float32))
+        self.router_input = router_input
+        self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Router logits.
@@ -86,7 +100,10 @@ class LlamaModRouter(nn.Module):
         Returns:
             [b, s] float32 logits.
         """
-        return F.linear(hidden_states.float(), self.weight.float(), self.bias.float()).squeeze(-1)
+        x = hidden_states.float()
+        if self.router_input == "rms_normed":
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return F.linear(x, self.weight.float(), self.bias.float()).squeeze(-1)
 
     def _apply(self, fn, recurse=True):
         # Device moves apply; dtype casts of these fp32 parameters are undone.
@@ -351,7 +368,9 @@ class LlamaModDecoderLayer(LlamaDecoderLayer):
                 old = getattr(attn, name)
                 setattr(attn, name, nn.Linear(old.in_features, old.out_features, bias=True))
         if routed:
-            self.router = LlamaModRouter(config.hidden_size)
+            self.router = LlamaModRouter(
+                config.hidden_size, config.mod_router_input, config.rms_norm_eps
+            )
 
     def forward(
         self,
@@ -545,24 +564,31 @@ class LlamaModModel(LlamaModPreTrainedModel):
         layer: LlamaModDecoderLayer,
         hidden_states: torch.Tensor,
         real: torch.Tensor,
+        positions: torch.Tensor,
         decoding: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep mask and gates of routed ``layer``, on the device of its router."""
         device = layer.router.weight.device
         logits = layer.router(hidden_states.to(device))
-        return self._select(logits, real.to(device), decoding)
+        return self._select(logits, real.to(device), positions.to(device), decoding, layer)
 
     def _select(
         self,
         logits: torch.Tensor,
         real: torch.Tensor,
+        positions: torch.Tensor,
         decoding: bool,
+        layer: LlamaModDecoderLayer,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep mask and gates of one routed layer (padding is never kept)."""
         config = self.config
         gates = torch.sigmoid(logits)
         if config.mod_routing == "threshold":
-            return (gates >= config.mod_threshold) & real, gates
+            # Logits against logit(p), as the Megatron router compares (gates saturate in fp32).
+            keep = logits >= _threshold_logit(config.layer_threshold(layer.layer_idx))
+            if config.mod_keep_first_token:
+                keep = keep | (positions == 0)
+            return keep & real, gates
         if decoding:
             threshold = config.mod_topk_decode_threshold
             if threshold is None:
@@ -572,7 +598,7 @@ class LlamaModModel(LlamaModPreTrainedModel):
                     "model.config.mod_topk_decode_threshold = 0.5) or generate with "
                     "use_cache=False."
                 )
-            return (gates >= threshold) & real, gates
+            return (logits >= _threshold_logit(threshold)) & real, gates
         # top-k: the ceil(c * S) largest logits among each sequence's S real tokens. Python
         # float arithmetic, exactly as the Megatron router computes k.
         lengths = real.sum(dim=1).tolist()
@@ -679,7 +705,9 @@ class LlamaModModel(LlamaModPreTrainedModel):
                 )
             layer_real, layer_positions, layer_embeddings = shared[layer_device]
             if layer.routed:
-                keep, gates = self._route(layer, hidden_states, layer_real, decoding)
+                keep, gates = self._route(
+                    layer, hidden_states, layer_real, layer_positions, decoding
+                )
                 if stats is not None:
                     kept = keep.sum()
                     denom = max(int(num_real), 1)
@@ -757,6 +785,9 @@ class LlamaModForCausalLM(LlamaModPreTrainedModel, GenerationMixin):
     def set_mod_threshold(self, threshold: float) -> None:
         """Change the routing threshold p at run time (lower p computes more tokens).
 
+        The one threshold replaces per-layer ones (``mod_layer_thresholds``, which are
+        cleared).
+
         Args:
             threshold: p in [0, 1]; used by threshold routing (not by top-k routing, whose
                 decode threshold is ``config.mod_topk_decode_threshold``).
@@ -771,7 +802,9 @@ class LlamaModForCausalLM(LlamaModPreTrainedModel, GenerationMixin):
         except ValueError:
             self.config.mod_threshold = old
             raise
+        self.config.mod_layer_thresholds = {}
         self.model.config.mod_threshold = threshold
+        self.model.config.mod_layer_thresholds = {}
 
     def forward(
         self,

@@ -32,6 +32,7 @@ OVERRIDABLE_MOD_FIELDS = (
     "gate",
     "load_loss_coeff",
     "compact_length_multiple",
+    "keep_first_token",
 )
 
 # Resolved arguments a resumed run must share with the saved run: the model, the data and its
@@ -58,6 +59,7 @@ MEANING_CHANGING_ARGS = (
     *(f"mod_{f}" for f in OVERRIDABLE_MOD_FIELDS),
     "mod_target_compute",
     "mod_target_warmup_steps",
+    "mod_target_floor",
     "mod_router_lr_mult",
     "mod_train_routers_only",
 )
@@ -216,8 +218,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--mod-target-compute",
         type=float,
-        help="steer the load-loss coefficients so that c_eff (computed fraction over all "
-        "layers) reaches this target (megatron_mod.training.controller)",
+        help="ask for this c_eff (computed fraction over all layers): every routed layer's "
+        "threshold is steered to the quantile of its own logits that keeps a scheduled fraction, "
+        "ramped from what it keeps at the start (megatron_mod.training.controller)",
     )
     g.add_argument(
         "--mod-router-lr-mult",
@@ -234,7 +237,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--mod-target-warmup-steps",
         type=int,
         default=50,
-        help="steps over which the compute target ramps down from 1.0",
+        help="steps over which each routed layer's kept fraction ramps from its start to its "
+        "target (never faster than 0.05 per step)",
+    )
+    g.add_argument(
+        "--mod-target-floor",
+        type=float,
+        default=0.1,
+        help="no routed layer is steered below this kept fraction",
     )
     args = p.parse_args(argv)
     _validate_args(p, args)

@@ -1,65 +1,76 @@
-"""Compute you can ask for: steer the routed layers' load-loss coefficients to a target ``c_eff``.
+"""Compute you can ask for: steer each routed layer's threshold so its kept fraction follows a plan.
 
-A fixed load-loss coefficient alpha is a cliff, not a dial: too small and the routers drift back
-to keeping every token, a little larger and layers collapse to ~0 kept, irreversibly (a skipped
-token gets no language-model gradient through its gate). ``--mod-target-compute X`` instead asks
-for ``c_eff = X`` (the fraction of (token, layer) pairs computed, all layers counted, dense ones
-as 1) and lets :class:`ComputeTargetController` find the coefficient that gets there:
+``--mod-target-compute X`` asks for ``c_eff = X`` (the fraction of (token, layer) pairs computed,
+all layers counted, dense ones as 1). A fixed load-loss coefficient cannot deliver that on a
+pretrained model: it is a cliff, not a dial. With a pushed router, every token's logit moves by
+about ``lr * ||h||_1`` per Adam step, so a layer's tokens cross the threshold together, and
+layers collapse one at a time (SmolLM2-135M: two layers from > 90 % to < 10 % kept in two steps;
+a 4-layer LLaMA at lr 2e-3: both routed layers at 0 kept). Steering the load-loss coefficient
+(the controller this one replaces) only changes how hard the routers are pushed, not where the
+tokens end up.
 
-* **dual ascent** on the excess compute: one price ``lambda`` for a kept token, the same for every
-  routed layer (each layer then skips where skipping costs it least language-model loss), raised
-  while ``c_eff`` is above the target and lowered while below. It moves in log space (a
-  coefficient's useful range spans orders of magnitude, and with Adam it sets the *balance*
-  between the two gradients, not a step size), as a proportional-integral-derivative update:
-  the integral finds the balance, the proportional term reacts at once, and the derivative term
-  (on the smoothed change of the excess) brakes before the target is crossed, since Adam's
-  momentum keeps the routers moving for ~10 steps after the push stops. It is bounded to
-  ``[min_multiplier, max_multiplier]`` times the configured alpha so that it cannot wind up;
-* a **warm-up ramp** of the target from 1.0 (the converted model computes everything) down to
-  ``X`` over ``warmup_steps`` steps, so the routers are not shocked at step 0;
-* a **per-layer floor**: a routed layer whose kept fraction nears ``floor`` has its coefficient
-  scaled down (to 0 at the floor itself), so the load loss stops pushing it and the language-model
-  gradient can keep it alive; the other layers take up the missing savings.
+:class:`ComputeTargetController` instead decides *how many* tokens each routed layer keeps and
+leaves *which* tokens to the router:
 
-The controller writes each routed layer's multiplier into
-``mod_config.load_loss_layer_coeffs``; the MoD layers read ``mod_config.layer_load_loss_coeff(i)``
-(alpha times that multiplier) at every forward, so the new coefficients act from the next step.
-Its state (:meth:`state_dict`, plain numbers) belongs in the checkpoint.
+* every routed layer has a **kept-fraction schedule**, from what it kept at the first step
+  (1.0 for a freshly converted model) down to its final target over ``warmup_steps`` steps,
+  never falling faster than ``max_drop_per_step`` and never below ``floor``;
+* after each step the layer's **threshold** is placed at the quantile of its own router logits
+  (recorded by the layer, averaged over micro-batches and ranks) that keeps the next step's
+  scheduled fraction: ``p_j = sigmoid(Q_j(1 - s_j))``, written into
+  ``mod_config.layer_thresholds``, which the layers read at every forward. A threshold that
+  follows the logits cannot be outrun by them: a router whose logits all move together keeps
+  the same tokens as before;
+* the logits move between the step that measured them and the step that uses the threshold
+  (by about ``lr * ||x||_1`` for a consistently pushed router, under Adam whatever the push's
+  size), so the threshold is **extrapolated by the drift** of that quantile over the last step
+  (smoothed), and a small **integral trim** (in quantile units, bounded) removes what bias is
+  left.
 
-The default gains were tuned on the synthetic model of router dynamics in
-``tests/unit/training/test_controller.py`` (Adam on each router's bias at learning rates
-0.05-0.2, a language-model pull that differs 7x between layers, 256-token measurement noise):
-targets 0.6-0.9 are reached within +-0.05 in under 100 steps and held, with no layer below its
-floor.
+The routers still learn from the language-model gradient through the gate (with
+``--mod-gate straight_through`` the router of a kept token receives ``<dL/dh', layer(h) - h>``:
+how much that token's update helps), which orders the tokens. The load-reducing loss would set
+no count here, only drag every logit of a layer down together (Adam turns even a tiny consistent
+push into a full ``lr``-sized step), so the controller sets the steered layers' load-loss
+multipliers to 0 (``mod_config.load_loss_layer_coeffs``); the paper's fixed-alpha recipe is the
+run without ``--mod-target-compute``.
 
-**On a real model it is not yet enough** (SmolLM2-135M, ``examples/reproduce_smollm2.sh --budget
-cpu``: target 0.75, routers zero-initialised, Adam at lr 1e-4). The routers did not lower their
-kept fractions gradually. Each layer fell off a cliff: with zero router weights, once the load
-loss dominates a router's gradient, every token's logit moves by about ``lr * ||h||_1`` per
-step, so all of the layer's tokens cross p together. Two layers went from > 90 % to < 10 % kept
-in two steps, faster than the guard can react, and Adam's momentum carried them on to 0. The run
-ended at c_eff 0.675 with 10 of 15 routed layers near 0: whole layers dropped, the floor not
-held. At a 10x router learning rate the same happened in 15 steps; at 0.1x no router moved in
-18 steps while the multiplier wound up 40x.
+Per-layer targets: uniform over the routed layers, or shaped like ``mod_config.layer_kept_targets``
+when a calibration (``tools/calibrate_routers.py``) chose them: each layer skips in proportion
+to what the calibration gave it, scaled so that the mean meets ``X``.
+
+A freshly converted checkpoint has zero router weights: every token of a layer has the same
+logit, so no threshold can separate them, and for the first steps the logits' spread across
+tokens is smaller than the distance they all move in one step. A threshold placed there would
+keep everything or nothing depending on the next update's sign (measured: 2 % kept in the step
+after the weights first moved). So a layer stays at "keep everything" until it is **ready**: its
+logits' 10-90 % width exceeds ``ready_ratio`` times their last per-step drift; its ramp starts
+then. The schedule's start is measured, not assumed, so a calibrated checkpoint that already
+skips starts from what it skips (and is ready at once).
+
+Its state (:meth:`state_dict`, plain numbers) belongs in the checkpoint, and the thresholds are
+part of the MoD config every checkpoint records, so an export serves with them.
 
 Usage in a training loop::
 
     controller = ComputeTargetController(mod_config, num_layers, ComputeTargetConfig(target=0.75))
     for step in ...:
-        metrics = train_step()                       # per routed layer kept fraction F_j
-        controller.update({j: metrics.kept[j] for j in routed})
+        result = train_step()                        # kept fraction and logit quantiles per layer
+        controller.update(result.kept_fraction, result.logit_quantiles)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from megatron_mod.config import MoDConfig
 
-__all__ = ["ComputeTargetConfig", "ComputeTargetController"]
+__all__ = ["ComputeTargetConfig", "ComputeTargetController", "layer_targets"]
+
+_STATE_VERSION = 2  # 1 was the load-loss coefficient controller
 
 
 @dataclass
@@ -70,31 +81,25 @@ class ComputeTargetConfig:
     """Target c_eff over all layers (dense layers count 1), in (0, 1]."""
 
     warmup_steps: int = 50
-    """Steps over which the target ramps linearly from 1.0 down to ``target`` (0: no ramp)."""
+    """Steps over which each layer's kept fraction is ramped from its start to its target."""
 
     floor: float = 0.1
-    """No routed layer is pushed below this kept fraction."""
+    """No routed layer is scheduled (or steered) below this kept fraction."""
 
-    floor_margin: float = 0.15
-    """Above ``floor + floor_margin`` a layer gets the full coefficient; it falls to 0 at floor."""
+    max_drop_per_step: float = 0.05
+    """A layer's scheduled kept fraction falls by at most this much per step."""
 
-    integral_rate: float = 0.3
-    """Integral gain: log-multiplier change per step per unit of excess routed kept fraction."""
+    trim_gain: float = 0.5
+    """Integral gain: quantile trim per step per unit of (measured - scheduled) kept fraction."""
 
-    proportional_gain: float = 20.0
-    """Proportional gain: log-multiplier offset per unit of excess routed kept fraction."""
+    drift_smoothing: float = 0.5
+    """Weight of the newest step in the smoothed per-step drift of the threshold's quantile."""
 
-    derivative_gain: float = 60.0
-    """Damping: log-multiplier offset per unit of the excess's change over one step (smoothed)."""
+    ready_ratio: float = 3.0
+    """A layer is steered once its logits' 10-90 % width exceeds this many times their drift."""
 
-    initial_multiplier: float = 1.0
-    """Starting multiplier of alpha (1: start from the configured --mod-load-loss-coeff)."""
-
-    min_multiplier: float = 1e-3
-    """Lower bound of the multiplier of alpha."""
-
-    max_multiplier: float = 1e3
-    """Upper bound of the multiplier of alpha."""
+    max_trim: float = 0.1
+    """Bound of the integral trim, in quantile units."""
 
     def __post_init__(self):
         def need(ok: bool, name: str, allowed: str):
@@ -106,165 +111,276 @@ class ComputeTargetConfig:
         need(0.0 < self.target <= 1.0, "target", "allowed: 0 < target <= 1")
         need(self.warmup_steps >= 0, "warmup_steps", "allowed: an int >= 0")
         need(0.0 <= self.floor < 1.0, "floor", "allowed: 0 <= floor < 1")
-        need(self.floor_margin > 0.0, "floor_margin", "allowed: > 0")
-        need(self.integral_rate > 0.0, "integral_rate", "allowed: > 0")
-        need(self.proportional_gain >= 0.0, "proportional_gain", "allowed: >= 0")
-        need(self.derivative_gain >= 0.0, "derivative_gain", "allowed: >= 0")
-        need(self.min_multiplier > 0.0, "min_multiplier", "allowed: > 0")
-        need(self.max_multiplier >= self.min_multiplier, "max_multiplier", ">= min_multiplier")
-        need(
-            self.min_multiplier <= self.initial_multiplier <= self.max_multiplier,
-            "initial_multiplier",
-            "allowed: between min_multiplier and max_multiplier",
+        need(0.0 < self.max_drop_per_step <= 1.0, "max_drop_per_step", "allowed: (0, 1]")
+        need(self.trim_gain >= 0.0, "trim_gain", "allowed: >= 0")
+        need(0.0 <= self.max_trim < 1.0, "max_trim", "allowed: [0, 1)")
+        need(0.0 <= self.drift_smoothing <= 1.0, "drift_smoothing", "allowed: [0, 1]")
+        need(self.ready_ratio >= 0.0, "ready_ratio", "allowed: >= 0")
+
+
+def layer_targets(
+    mod_config: MoDConfig, num_layers: int, target: float, floor: float
+) -> dict[int, float]:
+    """Final kept fraction of every routed layer for a target c_eff.
+
+    Uniform, or shaped like ``mod_config.layer_kept_targets`` (a calibration's budgets): layer
+    j keeps ``clip(1 - (1 - b_j) * scale, floor, 1)`` with ``scale`` chosen so that c_eff is
+    ``target``.
+
+    Raises:
+        ValueError: the target is below what the layout allows with the floor.
+    """
+    routed = mod_config.routed_layer_indices(num_layers)
+    dense = num_layers - len(routed)
+    lowest = (dense + floor * len(routed)) / num_layers
+    if target < lowest - 1e-9:
+        raise ValueError(
+            f"--mod-target-compute {target} is below what the layout allows: {dense} dense of "
+            f"{num_layers} layers and a floor of {floor} kept per routed layer give c_eff >= "
+            f"{lowest:.4f}; route more layers, lower the floor or raise the target"
         )
+    mean_kept = (target * num_layers - dense) / len(routed)
+    budgets = mod_config.layer_kept_targets
+    if not all(layer in budgets for layer in routed) or all(budgets[j] >= 1.0 for j in routed):
+        return dict.fromkeys(routed, min(max(mean_kept, floor), 1.0))
+
+    def kept_at(scale: float) -> dict[int, float]:
+        return {j: min(max(1.0 - (1.0 - budgets[j]) * scale, floor), 1.0) for j in routed}
+
+    low, high = 0.0, 1.0
+    while sum(kept_at(high).values()) / len(routed) > mean_kept and high < 1e6:
+        high *= 2.0
+    for _ in range(100):  # bisection: the mean kept fraction falls monotonically with scale
+        mid = 0.5 * (low + high)
+        if sum(kept_at(mid).values()) / len(routed) > mean_kept:
+            low = mid
+        else:
+            high = mid
+    return kept_at(high)
+
+
+def _quantile(quantiles: Sequence[float], q: float) -> float:
+    """Linear interpolation of a quantile function given at even probabilities 0..1."""
+    position = min(max(q, 0.0), 1.0) * (len(quantiles) - 1)
+    low = int(math.floor(position))
+    high = min(low + 1, len(quantiles) - 1)
+    weight = position - low
+    return quantiles[low] * (1.0 - weight) + quantiles[high] * weight
+
+
+def _sigmoid(logit: float) -> float:
+    if logit >= 0:
+        return 1.0 / (1.0 + math.exp(-logit))
+    e = math.exp(logit)
+    return e / (1.0 + e)
 
 
 class ComputeTargetController:
-    """Adapts every routed layer's load-loss multiplier so that training reaches a target c_eff.
+    """Places every routed layer's threshold so that training follows a kept-fraction schedule.
 
     Args:
-        mod_config: the MoD config the model's layers read their coefficient from (updated in
-            place: ``load_loss_layer_coeffs``). Its ``load_loss_coeff`` (alpha) must be > 0.
+        mod_config: the MoD config the model's layers read their thresholds from (updated in
+            place: ``layer_thresholds``).
         num_layers: layers of the whole model (dense ones count in c_eff).
         config: controller settings.
 
     Raises:
-        ValueError: alpha is 0, or the target cannot be reached without pushing routed layers
-            below the floor.
+        ValueError: the target cannot be reached without pushing routed layers below the floor,
+            or the model routes by top-k (its capacity is fixed by ``--mod-capacity``).
     """
 
     def __init__(self, mod_config: MoDConfig, num_layers: int, config: ComputeTargetConfig):
-        if mod_config.load_loss_coeff <= 0:
+        if mod_config.routing != "threshold":
             raise ValueError(
-                "--mod-target-compute needs --mod-load-loss-coeff > 0: the controller scales "
-                "that coefficient per layer"
+                "--mod-target-compute steers threshold routing; top-k keeps --mod-capacity of "
+                "every sequence by construction (set that instead)"
             )
         self.mod_config = mod_config
         self.config = config
         self.num_layers = num_layers
         self.routed = mod_config.routed_layer_indices(num_layers)
         self.num_dense = num_layers - len(self.routed)
-        lowest = (self.num_dense + config.floor * len(self.routed)) / num_layers
-        if config.target < lowest - 1e-9:
-            raise ValueError(
-                f"--mod-target-compute {config.target} is below what the layout allows: "
-                f"{self.num_dense} dense of {num_layers} layers and a floor of {config.floor} "
-                f"kept per routed layer give c_eff >= {lowest:.4f}; route more layers, lower "
-                f"the floor or raise the target"
-            )
+        self.final = layer_targets(mod_config, num_layers, config.target, config.floor)
         self.step = 0
-        self.integral = math.log(config.initial_multiplier)
-        self.log_multiplier = self.integral
-        self.prev_excess: float | None = None
-        self.slope = 0.0
+        self.start: dict[int, float] | None = None
+        self.scheduled: dict[int, float] = {}
+        self.trim = dict.fromkeys(self.routed, 0.0)
+        self.drift = dict.fromkeys(self.routed, 0.0)
+        self.previous_quantiles: dict[int, list[float]] = {}
+        self.ramp_start: dict[int, int] = {}
         self.last: dict[str, Any] = {}
-        self._write(dict.fromkeys(self.routed, 1.0))
+        for j in self.routed:
+            mod_config.load_loss_layer_coeffs[j] = 0.0
+
+    # -- the schedule
+
+    def _scheduled_at(self, step: int, previous: Mapping[int, float]) -> dict[int, float]:
+        cfg = self.config
+        out = {}
+        for j in self.routed:
+            if j not in self.ramp_start:
+                out[j] = previous[j]  # not ready: hold
+                continue
+            elapsed = step - self.ramp_start[j]
+            ramp = 1.0 if cfg.warmup_steps == 0 else min(elapsed / cfg.warmup_steps, 1.0)
+            start = max(self.start[j], self.final[j])
+            planned = start + (self.final[j] - start) * ramp
+            out[j] = max(planned, previous[j] - cfg.max_drop_per_step, cfg.floor)
+        return out
 
     # -- the control law
 
-    def target_at(self, step: int) -> float:
-        """The (ramped) target c_eff at ``step``."""
-        warmup = self.config.warmup_steps
-        if warmup == 0 or step >= warmup:
-            return self.config.target
-        return 1.0 + (self.config.target - 1.0) * step / warmup
-
-    def _guard(self, kept: float) -> float:
-        """1 well above the floor, falling linearly to 0 at the floor."""
-        return min(max((kept - self.config.floor) / self.config.floor_margin, 0.0), 1.0)
-
-    def _write(self, guards: Mapping[int, float]) -> None:
-        multiplier = math.exp(self.log_multiplier)
-        coeffs = self.mod_config.load_loss_layer_coeffs
-        for layer in self.routed:
-            coeffs[layer] = multiplier * guards[layer]
-
-    def update(self, step_stats: Mapping[int, float] | Mapping[str, Any]) -> dict[int, float]:
-        """Take one training step's kept fractions and set the next step's coefficients.
+    def update(
+        self,
+        kept_fraction: Mapping[Any, float],
+        logit_quantiles: Mapping[Any, Sequence[float]],
+    ) -> dict[int, float]:
+        """Take one training step's routing statistics and set the next step's thresholds.
 
         Args:
-            step_stats: kept fraction F_j of every routed layer this step (reduced over the
-                data-parallel ranks, as the trainer logs it), as ``{layer: F_j}`` or as
-                ``{"kept": {layer: F_j}}``; layer keys may be ints or strings.
+            kept_fraction: kept fraction F_j of every routed layer this step (reduced over the
+                data-parallel ranks, as the trainer logs it); int or str layer keys.
+            logit_quantiles: every routed layer's logit quantiles at even probabilities 0..1
+                (``StepResult.logit_quantiles``).
 
         Returns:
-            The new per-layer multipliers of alpha (also written to the MoD config).
+            The new per-layer gate thresholds (also written to the MoD config).
 
         Raises:
-            KeyError: a routed layer is missing from ``step_stats``.
+            KeyError: a routed layer is missing from the statistics.
         """
-        kept_in = step_stats.get("kept", step_stats) if isinstance(step_stats, Mapping) else None
-        kept: dict[int, float] = {}
-        for layer in self.routed:
-            value = kept_in.get(layer, kept_in.get(str(layer)))
-            if value is None:
-                raise KeyError(
-                    f"compute-target controller: no kept fraction for routed layer {layer} "
-                    f"(got layers {sorted(kept_in)})"
-                )
-            kept[layer] = float(value)
-        c_eff = (self.num_dense + sum(kept.values())) / self.num_layers
-        target = self.target_at(self.step)
-        # Excess in units of the routed layers' mean kept fraction, so the gains do not depend
-        # on how many layers are dense.
-        excess = (c_eff - target) * self.num_layers / len(self.routed)
-        lo, hi = math.log(self.config.min_multiplier), math.log(self.config.max_multiplier)
-        self.integral = min(max(self.integral + self.config.integral_rate * excess, lo), hi)
-        if self.prev_excess is not None:
-            self.slope = 0.7 * self.slope + 0.3 * (excess - self.prev_excess)
-        self.prev_excess = excess
-        control = (
-            self.integral
-            + self.config.proportional_gain * excess
-            + self.config.derivative_gain * self.slope
-        )
-        self.log_multiplier = min(max(control, lo), hi)
-        guards = {layer: self._guard(kept[layer]) for layer in self.routed}
-        self._write(guards)
+        kept = {j: float(_lookup(kept_fraction, j, "kept fraction")) for j in self.routed}
+        quantiles = {j: list(_lookup(logit_quantiles, j, "logit quantiles")) for j in self.routed}
+        cfg = self.config
+        if self.start is None:
+            self.start = dict(kept)
+            self.scheduled = dict(kept)
+        for j in self.routed:
+            spread = quantiles[j][-1] - quantiles[j][0]
+            # Tied logits (zero router weights) keep everything whatever the threshold: no
+            # error to integrate until the router has a direction.
+            if spread > 1e-6 and j in self.mod_config.layer_thresholds:
+                error = kept[j] - self.scheduled[j]
+                self.trim[j] = min(max(self.trim[j] + cfg.trim_gain * error, -cfg.max_trim),
+                                   cfg.max_trim)  # fmt: skip
+        measured_c_eff = (self.num_dense + sum(kept.values())) / self.num_layers
+        scheduled_c_eff = (self.num_dense + sum(self.scheduled.values())) / self.num_layers
         self.step += 1
+        for j in self.routed:
+            previous = self.previous_quantiles.get(j)
+            if j in self.ramp_start or previous is None:
+                continue
+            width = _quantile(quantiles[j], 0.9) - _quantile(quantiles[j], 0.1)
+            move = abs(_quantile(quantiles[j], 0.5) - _quantile(previous, 0.5))
+            if width > 1e-4 and width > cfg.ready_ratio * move:
+                self.ramp_start[j] = self.step - 1
+        self.scheduled = self._scheduled_at(self.step, self.scheduled)
+        thresholds = {}
+        for j in self.routed:
+            q = min(1.0 - self.scheduled[j] + self.trim[j], 1.0 - cfg.floor)
+            previous = self.previous_quantiles.get(j)
+            if previous is not None and previous[-1] - previous[0] > 1e-6:
+                shift = _quantile(quantiles[j], q) - _quantile(previous, q)
+                a = cfg.drift_smoothing
+                self.drift[j] = (1.0 - a) * self.drift[j] + a * shift
+            self.previous_quantiles[j] = quantiles[j]
+            if j not in self.ramp_start or self.scheduled[j] >= 1.0 or q <= 0.0:
+                thresholds[j] = 0.0  # keep everything
+                continue
+            thresholds[j] = _sigmoid(_quantile(quantiles[j], q) + self.drift[j])
+        self.mod_config.layer_thresholds.update(thresholds)
         self.last = {
-            "c_eff": c_eff,
-            "target": target,
-            "multiplier": math.exp(self.log_multiplier),
-            "guarded_layers": [layer for layer, g in guards.items() if g < 1.0],
+            "c_eff": measured_c_eff,
+            "target": scheduled_c_eff,
+            "next_target": (self.num_dense + sum(self.scheduled.values())) / self.num_layers,
+            "final_target": self.config.target,
+            "scheduled": dict(self.scheduled),
+            "thresholds": dict(thresholds),
         }
-        return {layer: self.mod_config.load_loss_layer_coeffs[layer] for layer in self.routed}
+        return thresholds
 
-    def coefficients(self) -> dict[int, float]:
-        """The effective load-loss coefficient (alpha times multiplier) of each routed layer."""
-        return {layer: self.mod_config.layer_load_loss_coeff(layer) for layer in self.routed}
+    def log_line(self) -> str:
+        """`` compute target | c_eff 0.912 (scheduled 0.905, next 0.898) | kept 1:0.82 …``."""
+        last = self.last
+        if not last:
+            return " compute target | no step yet"
+        sched = " ".join(f"{j}:{v:.2f}" for j, v in sorted(last["scheduled"].items()))
+        thr = " ".join(f"{j}:{v:.3f}" for j, v in sorted(last["thresholds"].items()))
+        return (
+            f" compute target | c_eff {last['c_eff']:.3f} (scheduled {last['target']:.3f}, "
+            f"next {last['next_target']:.3f}, final {last['final_target']:.3f}) | "
+            f"next kept {sched} | thresholds {thr}"
+        )
+
+    def write_scalars(self, writer, iteration: int) -> None:
+        """The schedule and thresholds to TensorBoard (``mod/target_c_eff``, per layer)."""
+        if writer is None or not self.last:
+            return
+        writer.add_scalar("mod/target_c_eff", self.last["target"], iteration)
+        for j in self.routed:
+            tag = f"layer_{j:02d}"
+            writer.add_scalar(f"mod/scheduled_kept/{tag}", self.last["scheduled"][j], iteration)
+            writer.add_scalar(f"mod/threshold/{tag}", self.last["thresholds"][j], iteration)
 
     # -- checkpointing
 
     def state_dict(self) -> dict[str, Any]:
         """Plain numbers to store with the checkpoint (JSON-serialisable)."""
         return {
+            "version": _STATE_VERSION,
             "step": self.step,
-            "integral": self.integral,
-            "log_multiplier": self.log_multiplier,
-            "prev_excess": self.prev_excess,
-            "slope": self.slope,
-            "multipliers": {str(k): self.mod_config.load_loss_layer_coeffs[k] for k in self.routed},
+            "start": None if self.start is None else {str(k): v for k, v in self.start.items()},
+            "scheduled": {str(k): v for k, v in self.scheduled.items()},
+            "trim": {str(k): v for k, v in self.trim.items()},
+            "drift": {str(k): v for k, v in self.drift.items()},
+            "previous_quantiles": {str(k): v for k, v in self.previous_quantiles.items()},
+            "ramp_start": {str(k): v for k, v in self.ramp_start.items()},
+            "thresholds": {
+                str(j): self.mod_config.layer_thresholds[j]
+                for j in self.routed
+                if j in self.mod_config.layer_thresholds
+            },
+            "final": {str(k): v for k, v in self.final.items()},
             "target": self.config.target,
             "routed_layers": list(self.routed),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (the multipliers go back into the MoD config).
+        """Restore :meth:`state_dict` (the thresholds go back into the MoD config).
 
         Raises:
-            ValueError: the state belongs to another routed-layer layout.
+            ValueError: the state belongs to another routed-layer layout or controller version.
         """
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                "the checkpoint's compute-target state was written by the earlier load-loss "
+                "controller; start a new run from it (--load it with a new --save) instead of "
+                "resuming"
+            )
         if list(state["routed_layers"]) != self.routed:
             raise ValueError(
                 f"compute-target controller state is for routed layers {state['routed_layers']}, "
                 f"this model routes {self.routed}"
             )
         self.step = int(state["step"])
-        self.integral = float(state["integral"])
-        self.log_multiplier = float(state["log_multiplier"])
-        prev = state.get("prev_excess")
-        self.prev_excess = None if prev is None else float(prev)
-        self.slope = float(state.get("slope", 0.0))
-        for key, value in state["multipliers"].items():
-            self.mod_config.load_loss_layer_coeffs[int(key)] = float(value)
+        start = state.get("start")
+        self.start = None if start is None else {int(k): float(v) for k, v in start.items()}
+        self.scheduled = {int(k): float(v) for k, v in state["scheduled"].items()}
+        self.trim = {int(k): float(v) for k, v in state["trim"].items()}
+        self.drift = {int(k): float(v) for k, v in state["drift"].items()}
+        self.previous_quantiles = {
+            int(k): [float(x) for x in v] for k, v in state["previous_quantiles"].items()
+        }
+        self.ramp_start = {int(k): int(v) for k, v in state["ramp_start"].items()}
+        for key, value in state["thresholds"].items():
+            self.mod_config.layer_thresholds[int(key)] = float(value)
+
+
+def _lookup(values: Mapping[Any, Any], layer: int, what: str):
+    value = values.get(layer, values.get(str(layer)))
+    if value is None:
+        raise KeyError(
+            f"compute-target controller: no {what} for routed layer {layer} "
+            f"(got layers {sorted(values, key=str)})"
+        )
+    return value

@@ -239,6 +239,9 @@ class TrainingRun:
 
         t0 = time.perf_counter()
         _, optimizer, scheduler = self.training
+        if self.mod_config is not None:
+            # The controller moves the thresholds: the saved config holds the current ones.
+            self.metadata = dataclasses.replace(self.metadata, mod=self.mod_config.to_dict())
         iter_dir = ckpt.save_training_checkpoint(
             self.save,
             self.model,
@@ -461,12 +464,14 @@ def build_run(args: argparse.Namespace) -> TrainingRun:
     if args.mod_target_compute is not None:
         from megatron_mod.training.controller import ComputeTargetConfig, ComputeTargetController
 
-        # The layers read their coefficients from this MoDConfig, which the controller updates.
+        # The layers read their thresholds from this MoDConfig, which the controller updates.
         controller = ComputeTargetController(
             mod_config,
             metadata.num_layers,
             ComputeTargetConfig(
-                target=args.mod_target_compute, warmup_steps=args.mod_target_warmup_steps
+                target=args.mod_target_compute,
+                warmup_steps=args.mod_target_warmup_steps,
+                floor=args.mod_target_floor,
             ),
         )
     training = setup_model_and_optimizer(model, cfg)
@@ -506,8 +511,11 @@ def run_training(run: TrainingRun) -> tuple[list, object]:
     def hook(step):
         run.skipped += step.skipped
         if run.controller is not None and not step.skipped:
-            # Kept fractions are reduced over all ranks, so every rank sets the same coefficients.
-            run.controller.update(step.kept_fraction)
+            # The statistics are reduced over all ranks, so every rank sets the same thresholds.
+            run.controller.update(step.kept_fraction, step.logit_quantiles)
+            run.controller.write_scalars(run.writer, step.iteration)
+            if step.iteration % args.log_interval == 0 or step.iteration == cfg.train_iters:
+                run.log(run.controller.log_line(), flush=True)
         if args.eval_interval and step.iteration % args.eval_interval == 0:
             run.evaluate(f"iteration {step.iteration}", step.iteration)
         if step.exit_requested or (args.save_interval and step.iteration % args.save_interval == 0):
@@ -607,7 +615,11 @@ def finish_run(run: TrainingRun, results: list, before, seconds: float) -> dict:
             "global_batch_size": run.global_batch,
             "num_microbatches": run.cfg.num_microbatches,
         },
-        "step_metrics": [dataclasses.asdict(r) for r in results],
+        # Every step's metrics but the logit quantiles (257 numbers per layer and step).
+        "step_metrics": [
+            {k: v for k, v in dataclasses.asdict(r).items() if k != "logit_quantiles"}
+            for r in results
+        ],
     }
     if exited:
         run.log(f"\nsaved {iter_dir}; re-run the same command to continue", flush=True)

@@ -62,6 +62,14 @@ def dense_layer_on_tokens(layer, h, positions, rotary_base, mask=None):
     return h + (torch.nn.functional.silu(gate) * up) @ sd["mlp.linear_fc2.weight"].t()
 
 
+def router_logits_reference(layer, hidden):
+    """The router's logits [s, b], written out: w . x + b with x = h / rms(h) or h."""
+    x = hidden.float()
+    if layer.mod_config.router_input == "rms_normed":
+        x = x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + layer.config.layernorm_epsilon)
+    return x @ layer.router.weight.detach().t().squeeze(-1) + layer.router.bias.detach()
+
+
 def mod_layer_reference(
     layer, hidden, rotary_base, threshold, gate_mode, keep=None, attention_mask=None
 ):
@@ -70,12 +78,12 @@ def mod_layer_reference(
     ``attention_mask``: optional megatron mask [b, 1, s, s] (True = masked), restricted to each
     sequence's kept tokens.
     """
-    w = layer.router.weight.detach()
-    b = layer.router.bias.detach()
-    logits = hidden.float() @ w.t().squeeze(-1) + b
+    logits = router_logits_reference(layer, hidden)
     gates = torch.sigmoid(logits)
     if keep is None:
         keep = gates >= threshold
+        if layer.mod_config.keep_first_token:
+            keep[0] = True
     out = hidden.clone()
     for col in range(hidden.shape[1]):
         idx = keep[:, col].nonzero().squeeze(-1)

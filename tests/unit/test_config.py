@@ -65,7 +65,11 @@ def test_cli_flags_are_derived_from_the_fields_and_their_docstrings():
     MoDConfig.add_cli_args(parser)
     flags = {a.dest: a for a in parser._actions if a.dest.startswith("mod_")}
     fields = {f.name for f in dataclasses.fields(MoDConfig)}
-    assert set(cli_field_names()) == fields - {"load_loss_layer_coeffs"}
+    assert set(cli_field_names()) == fields - {
+        "load_loss_layer_coeffs",
+        "layer_thresholds",
+        "layer_kept_targets",
+    }
     assert set(flags) == {f"mod_{name}" for name in cli_field_names()}
     assert flags["mod_routing"].choices == ("threshold", "topk")
     assert "fraction of each sequence kept" in flags["mod_capacity"].help

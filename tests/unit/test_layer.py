@@ -109,7 +109,9 @@ def test_degenerate_routing_cases(mcore):
     from megatron_mod.config import MoDConfig
 
     seq, batch = 12, 2
-    layer, rope, config = layer_and_rope(MoDConfig(routed_layers="all"), seq)
+    layer, rope, config = layer_and_rope(
+        MoDConfig(routed_layers="all", keep_first_token=False), seq
+    )
     hidden = torch.randn(seq, batch, config.hidden_size, device=DEVICE)
     # Router reads one feature: its sign decides, so sequences can be made all-kept / all-skipped.
     with torch.no_grad():
@@ -146,7 +148,9 @@ def test_zero_kept_still_gives_router_load_loss_gradient(mcore):
     from megatron_mod.config import MoDConfig
 
     seq, batch = 8, 2
-    layer, rope, config = layer_and_rope(MoDConfig(routed_layers="all"), seq)
+    layer, rope, config = layer_and_rope(
+        MoDConfig(routed_layers="all", keep_first_token=False), seq
+    )
     with torch.no_grad():
         layer.router.bias.fill_(-5.0)
     hidden = torch.randn(seq, batch, config.hidden_size, device=DEVICE)

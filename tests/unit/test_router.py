@@ -17,6 +17,7 @@ from tests.helpers.mod_models import (
     randomise_routers,
     routed_layers,
 )
+from tests.helpers.mod_reference import router_logits_reference
 
 # Every test here runs under the device guard: a host tensor where a GPU run needs the compute
 # device fails the test (megatron_mod.device_guard).
@@ -34,9 +35,59 @@ def test_threshold_selection_is_exactly_g_ge_p():
     # put some logits exactly on the boundary: sigmoid(0) = 0.5
     logits[0, 0] = 0.0
     logits[1, 1] = -1e-3
-    decision = select_tokens(logits, MoDConfig(threshold=0.5))
+    decision = select_tokens(logits, MoDConfig(threshold=0.5, keep_first_token=False))
     assert torch.equal(decision.keep, torch.sigmoid(logits) >= 0.5)
     assert bool(decision.keep[0, 0]) and not bool(decision.keep[1, 1])
+
+
+def test_threshold_selection_per_layer_first_token_and_saturated_gates():
+    from megatron_mod.config import MoDConfig
+    from megatron_mod.router import gate_threshold_logit, select_tokens
+
+    torch.manual_seed(0)
+    logits = torch.randn(40, 3) * 3
+    logits[0] = -10.0  # the first token would be skipped everywhere
+    mod = MoDConfig(threshold=0.5, layer_thresholds={3: 0.8})
+    own = select_tokens(logits, mod, layer_index=3).keep
+    other = select_tokens(logits, mod, layer_index=5).keep
+    assert torch.equal(own[1:], torch.sigmoid(logits[1:]) >= 0.8)
+    assert torch.equal(other[1:], logits[1:] >= 0.0)
+    assert bool(own[0].all()) and bool(other[0].all())  # the attention sink is never skipped
+    # Far in the tail fp32 gates are all exactly 1.0; logits still separate the tokens.
+    tail = torch.linspace(20.0, 30.0, 11)[:, None]
+    p = 1.0 / (1.0 + math.exp(-25.0))
+    mod = MoDConfig(layer_thresholds={1: p}, keep_first_token=False)
+    keep = select_tokens(tail, mod, layer_index=1).keep[:, 0]
+    assert torch.sigmoid(tail).eq(1.0).all()
+    assert keep.tolist() == [v >= 25.0 for v in tail[:, 0].tolist()]
+    assert gate_threshold_logit(p) == pytest.approx(25.0, abs=1e-4)  # float64 round trip
+    assert gate_threshold_logit(0.0) == -math.inf and gate_threshold_logit(1.0) == math.inf
+
+
+def test_logit_quantiles_match_torch_quantile():
+    from megatron_mod.router import QUANTILE_GRID, logit_quantiles
+
+    torch.manual_seed(1)
+    logits = torch.randn(97, 5, device=DEVICE)
+    probs = torch.linspace(0, 1, QUANTILE_GRID, device=DEVICE)
+    expected = torch.quantile(logits.reshape(-1), probs)
+    torch.testing.assert_close(logit_quantiles(logits), expected, rtol=0, atol=1e-6)
+
+
+def test_rms_normed_router_input_ignores_the_scale_of_h(mcore):
+    from megatron_mod.config import MoDConfig
+    from megatron_mod.router import MoDRouter
+    from tests.helpers.mod_models import tiny_config
+
+    config = tiny_config()
+    torch.manual_seed(2)
+    normed = MoDRouter(config, MoDConfig(router_init_std=1.0)).to(DEVICE)
+    raw = MoDRouter(config, MoDConfig(router_init_std=1.0, router_input="hidden")).to(DEVICE)
+    raw.load_state_dict(normed.state_dict())
+    h = torch.randn(8, 2, config.hidden_size, device=DEVICE)
+    torch.testing.assert_close(normed(h * 100.0), normed(h), rtol=1e-5, atol=1e-5)
+    rms = h.pow(2).mean(-1, keepdim=True).add(config.layernorm_epsilon).rsqrt()
+    torch.testing.assert_close(normed(h), raw(h * rms), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("capacity", [0.125, 0.3, 0.5, 1.0])
@@ -124,10 +175,10 @@ def test_metrics_and_load_loss_match_hand_computation(mcore):
     assert sorted(stats) == [1, 3]
     for layer in routed_layers(model):
         h = captured[layer.global_layer_index]
-        g = torch.sigmoid(
-            h.float() @ layer.router.weight.detach().t().squeeze(-1) + layer.router.bias
-        )
-        f_hand = (g >= 0.5).float().mean().item()
+        g = torch.sigmoid(router_logits_reference(layer, h))
+        keep = g >= 0.5
+        keep[0] = True  # the first token (attention sink) is always kept
+        f_hand = keep.float().mean().item()
         s = stats[layer.global_layer_index]
         assert s.kept_fraction == pytest.approx(f_hand, abs=1e-7)
         assert s.mean_gate == pytest.approx(g.mean().item(), abs=1e-6)
