@@ -44,7 +44,8 @@ logit, so no threshold can separate them, and for the first steps the logits' sp
 tokens is smaller than the distance they all move in one step. A threshold placed there would
 keep everything or nothing depending on the next update's sign (measured: 2 % kept in the step
 after the weights first moved). So a layer stays at "keep everything" until it is **ready**: its
-logits' 10-90 % width exceeds ``ready_ratio`` times their last per-step drift; its ramp starts
+logits' 10-90 % width has exceeded ``ready_ratio`` times the largest per-step drift of their
+median over the last ``ready_steps`` steps, ``ready_steps`` steps in a row; its ramp starts
 then. The schedule's start is measured, not assumed, so a calibrated checkpoint that already
 skips starts from what it skips (and is ready at once).
 
@@ -89,14 +90,17 @@ class ComputeTargetConfig:
     max_drop_per_step: float = 0.05
     """A layer's scheduled kept fraction falls by at most this much per step."""
 
-    trim_gain: float = 0.5
+    trim_gain: float = 0.2
     """Integral gain: quantile trim per step per unit of (measured - scheduled) kept fraction."""
 
-    drift_smoothing: float = 0.5
+    drift_smoothing: float = 0.2
     """Weight of the newest step in the smoothed per-step drift of the threshold's quantile."""
 
-    ready_ratio: float = 3.0
+    ready_ratio: float = 5.0
     """A layer is steered once its logits' 10-90 % width exceeds this many times their drift."""
+
+    ready_steps: int = 3
+    """...for this many consecutive steps (the drift of the last this-many steps counts)."""
 
     max_trim: float = 0.1
     """Bound of the integral trim, in quantile units."""
@@ -116,6 +120,7 @@ class ComputeTargetConfig:
         need(0.0 <= self.max_trim < 1.0, "max_trim", "allowed: [0, 1)")
         need(0.0 <= self.drift_smoothing <= 1.0, "drift_smoothing", "allowed: [0, 1]")
         need(self.ready_ratio >= 0.0, "ready_ratio", "allowed: >= 0")
+        need(self.ready_steps >= 1, "ready_steps", "allowed: an int >= 1")
 
 
 def layer_targets(
@@ -208,6 +213,8 @@ class ComputeTargetController:
         self.drift = dict.fromkeys(self.routed, 0.0)
         self.previous_quantiles: dict[int, list[float]] = {}
         self.ramp_start: dict[int, int] = {}
+        self.moves: dict[int, list[float]] = {j: [] for j in self.routed}
+        self.ready_run = dict.fromkeys(self.routed, 0)
         self.last: dict[str, Any] = {}
         for j in self.routed:
             mod_config.load_loss_layer_coeffs[j] = 0.0
@@ -271,8 +278,12 @@ class ComputeTargetController:
             if j in self.ramp_start or previous is None:
                 continue
             width = _quantile(quantiles[j], 0.9) - _quantile(quantiles[j], 0.1)
-            move = abs(_quantile(quantiles[j], 0.5) - _quantile(previous, 0.5))
-            if width > 1e-4 and width > cfg.ready_ratio * move:
+            moves = self.moves[j]
+            moves.append(abs(_quantile(quantiles[j], 0.5) - _quantile(previous, 0.5)))
+            del moves[: -cfg.ready_steps]
+            calm = width > 1e-4 and width > cfg.ready_ratio * max(moves)
+            self.ready_run[j] = self.ready_run[j] + 1 if calm else 0
+            if self.ready_run[j] >= cfg.ready_steps:
                 self.ramp_start[j] = self.step - 1
         self.scheduled = self._scheduled_at(self.step, self.scheduled)
         thresholds = {}
@@ -335,6 +346,8 @@ class ComputeTargetController:
             "drift": {str(k): v for k, v in self.drift.items()},
             "previous_quantiles": {str(k): v for k, v in self.previous_quantiles.items()},
             "ramp_start": {str(k): v for k, v in self.ramp_start.items()},
+            "moves": {str(k): v for k, v in self.moves.items()},
+            "ready_run": {str(k): v for k, v in self.ready_run.items()},
             "thresholds": {
                 str(j): self.mod_config.layer_thresholds[j]
                 for j in self.routed
@@ -372,6 +385,8 @@ class ComputeTargetController:
             int(k): [float(x) for x in v] for k, v in state["previous_quantiles"].items()
         }
         self.ramp_start = {int(k): int(v) for k, v in state["ramp_start"].items()}
+        self.moves = {int(k): [float(x) for x in v] for k, v in state["moves"].items()}
+        self.ready_run = {int(k): int(v) for k, v in state["ready_run"].items()}
         for key, value in state["thresholds"].items():
             self.mod_config.layer_thresholds[int(key)] = float(value)
 

@@ -1,0 +1,120 @@
+"""``--mod-target-compute`` on a real transformer trained by the real trainer.
+
+A 4-layer, hidden-64 ``LlamaForCausalLM`` (5 pretraining steps: nearly random weights) is
+converted with the importer's default flags (routers on layers 1 and 3 with zero weights and
+bias +2, so every token of a layer starts with the same logit) and trained by
+``tools/pretrain_mod.py`` at lr 2e-3 for 100 steps. The load-loss controller this replaced ended
+such runs with both routed layers at 0.00 kept; the threshold-steering controller must reach the
+requested c_eff within +-0.05, never put a routed layer below its floor, and never let a layer's
+kept fraction fall by more than 0.3 within 5 steps. The thresholds it found are in the saved
+checkpoint's MoD config (what an export serves with).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.helpers.subprocess_utils import REPO
+from tests.helpers.training import run_checked
+
+pytestmark = pytest.mark.slow
+
+FLOOR = 0.1
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    work = tmp_path_factory.mktemp("compute_target")
+    py = sys.executable
+    run_checked([py, str(REPO / "examples/quickstart/make_base_model.py"), "--out", str(work),
+                 "--steps", "5", "--layers", "4", "--hidden-size", "64", "--vocab-size",
+                 "600"])  # fmt: skip
+    run_checked([py, str(REPO / "tools/preprocess_data.py"), "--input",
+                 str(work / "corpus/train.jsonl"), "--output-prefix", str(work / "data/stdlib"),
+                 "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                 str(work / "base"), "--append-eod", "--workers", "1",
+                 "--no-progress"])  # fmt: skip
+    run_checked([py, str(REPO / "tools/convert_hf_to_megatron.py"), "--hf-dir", str(work / "base"),
+                 "--out-dir", str(work / "ckpt")])  # fmt: skip
+    return work
+
+
+def _train(work, target: float) -> dict:
+    save = work / f"trained_{target}"
+    summary = work / f"{target}.json"
+    run_checked(
+        [
+            sys.executable,
+            str(REPO / "tools/pretrain_mod.py"),
+            "--load",
+            str(work / "ckpt"),
+            "--save",
+            str(save),
+            "--summary-json",
+            str(summary),
+            "--data-path",
+            "1.0",
+            str(work / "data" / "stdlib_text_document"),
+            "--split",
+            "95,5,0",
+            "--seq-length",
+            "64",
+            "--micro-batch-size",
+            "4",
+            "--global-batch-size",
+            "8",
+            "--train-iters",
+            "100",
+            "--lr",
+            "2e-3",
+            "--min-lr",
+            "2e-4",
+            "--lr-warmup-iters",
+            "5",
+            "--eval-iters",
+            "2",
+            "--log-interval",
+            "10",
+            "--overwrite",
+            "--mod-target-compute",
+            str(target),
+            "--mod-target-warmup-steps",
+            "30",
+            "--mod-target-floor",
+            str(FLOOR),
+        ]  # fmt: skip
+    )
+    result = json.loads(summary.read_text())
+    result["saved_mod"] = json.loads((save / "megatron_mod_config.json").read_text())["mod"]
+    return result
+
+
+@pytest.mark.parametrize("target", [0.8, 0.6])
+def test_target_compute_is_reached_without_collapse(converted, target):
+    result = _train(converted, target)
+    steps = result["step_metrics"]
+    assert len(steps) == 100
+    kept = [{int(k): v for k, v in s["kept_fraction"].items()} for s in steps]
+    assert sorted(kept[0]) == [1, 3]
+    # The converted model starts by computing everything.
+    assert all(v == 1.0 for v in kept[0].values())
+    # Reached: the mean c_eff of the last 10 steps, and the validation pass after training.
+    tail = [s["c_eff"] for s in steps[-10:]]
+    assert abs(sum(tail) / len(tail) - target) <= 0.05, tail
+    assert abs(result["c_eff_after"] - target) <= 0.05, result["c_eff_after"]
+    for layer in (1, 3):
+        series = [k[layer] for k in kept]
+        # No routed layer below its floor (one micro-batch's measurement noise allowed).
+        assert min(series) >= FLOOR - 0.03, (layer, min(series))
+        # No cliff: a layer's kept fraction never falls by more than 0.3 within 5 steps.
+        drops = [series[i] - min(series[i : i + 6]) for i in range(len(series) - 1)]
+        assert max(drops) <= 0.3, (layer, max(drops), series)
+        # Token-level routing: the layer keeps part of its tokens, not all or none.
+        assert 0.1 < series[-1] < 0.95 or target == 0.6
+    # The thresholds the controller found are what the checkpoint (and an export) route with.
+    thresholds = result["saved_mod"]["layer_thresholds"]
+    assert sorted(thresholds) == ["1", "3"] and all(0.0 < p < 1.0 for p in thresholds.values())
+    assert result["valid_lm_loss_after"] < result["valid_lm_loss_before"]
