@@ -64,7 +64,9 @@ def test_layer_that_keeps_no_token_still_gives_every_parameter_a_gradient(mcore)
     from megatron_mod.config import MoDConfig
 
     seq, batch = 16, 2
-    layer, rope, config = _layer_and_rope(MoDConfig(routed_layers="all", threshold=1.0), seq)
+    layer, rope, config = _layer_and_rope(
+        MoDConfig(routed_layers="all", threshold=1.0, keep_first_token=False), seq
+    )
     hidden = torch.randn(seq, batch, config.hidden_size, device=DEVICE, requires_grad=True)
     out, _ = layer(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
     assert not bool(layer.last_keep.any())
@@ -83,7 +85,9 @@ def test_ddp_overlap_grad_reduce_accepts_a_step_where_a_layer_keeps_nothing(mcor
 
     from megatron_mod.config import MoDConfig
 
-    model = _model(MoDConfig(threshold=1.0))  # every routed layer skips every token
+    model = _model(
+        MoDConfig(threshold=1.0, keep_first_token=False)
+    )  # every routed layer skips every token
     ddp = DistributedDataParallel(
         config=model.config,
         ddp_config=DistributedDataParallelConfig(

@@ -427,7 +427,8 @@ def test_routed_megatron_matches_exported_hf_mod_model(work):
 
 
 def _hf_kept_fractions(model, tokens) -> dict[int, float]:
-    """Per-layer kept fraction of the HF MoD model, from its routers (g >= p on layer inputs)."""
+    """Per-layer kept fraction of the HF MoD model, from its routers (g >= p on layer inputs,
+    the first token always kept when the config says so)."""
     fractions = {}
     hooks = []
     threshold = model.config.mod_threshold
@@ -437,8 +438,10 @@ def _hf_kept_fractions(model, tokens) -> dict[int, float]:
             continue
 
         def hook(module, args, output, i=i):
-            logits = output.float().reshape(-1)
-            fractions[i] = float((torch.sigmoid(logits) >= threshold).float().mean())
+            keep = torch.sigmoid(output.float()) >= threshold  # [b, s]
+            if model.config.mod_keep_first_token:
+                keep[:, 0] = True
+            fractions[i] = float(keep.float().mean())
 
         hooks.append(router.register_forward_hook(hook))
     with torch.no_grad():
