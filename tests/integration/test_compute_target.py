@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from tests.helpers.subprocess_utils import REPO
-from tests.helpers.training import run_checked
+from tests.helpers.training import make_converted_tiny_llama, run_checked
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +28,7 @@ FLOOR = 0.1
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     work = tmp_path_factory.mktemp("compute_target")
-    py = sys.executable
-    run_checked([py, str(REPO / "examples/quickstart/make_base_model.py"), "--out", str(work),
-                 "--steps", "5", "--layers", "4", "--hidden-size", "64", "--vocab-size",
-                 "600"])  # fmt: skip
-    run_checked([py, str(REPO / "tools/preprocess_data.py"), "--input",
-                 str(work / "corpus/train.jsonl"), "--output-prefix", str(work / "data/stdlib"),
-                 "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
-                 str(work / "base"), "--append-eod", "--workers", "1",
-                 "--no-progress"])  # fmt: skip
-    run_checked([py, str(REPO / "tools/convert_hf_to_megatron.py"), "--hf-dir", str(work / "base"),
-                 "--out-dir", str(work / "ckpt")])  # fmt: skip
+    make_converted_tiny_llama(work, [])  # the importer's defaults
     return work
 
 

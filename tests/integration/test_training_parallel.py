@@ -12,12 +12,9 @@ Every run uses the device guard, so a host tensor where a GPU run needs the devi
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
-from tests.helpers.subprocess_utils import REPO
-from tests.helpers.training import STEPS, run_checked, run_pretrain
+from tests.helpers.training import STEPS, make_converted_tiny_llama, run_pretrain
 
 LAYOUTS = {
     "dp2": (2, []),
@@ -35,18 +32,11 @@ LAYOUTS = {
 def reference(tmp_path_factory):
     """Base model, data and a routed import, then the single-process training run."""
     work = tmp_path_factory.mktemp("train_parallel")
-    py = sys.executable
-    run_checked([py, str(REPO / "examples/quickstart/make_base_model.py"), "--out", str(work),
-                 "--steps", "5", "--layers", "4", "--hidden-size", "64", "--vocab-size",
-                 "600"])  # fmt: skip
-    run_checked([py, str(REPO / "tools/preprocess_data.py"), "--input",
-                 str(work / "corpus/train.jsonl"), "--output-prefix", str(work / "data/stdlib"),
-                 "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
-                 str(work / "base"), "--append-eod", "--workers", "1",
-                 "--no-progress"])  # fmt: skip
-    run_checked([py, str(REPO / "tools/convert_hf_to_megatron.py"), "--hf-dir", str(work / "base"),
-                 "--out-dir", str(work / "ckpt"), "--mod-routed-layers", "all", "--mod-threshold",
-                 "0.5", "--mod-router-init-bias", "0", "--mod-router-init-std", "2.0"])  # fmt: skip
+    make_converted_tiny_llama(
+        work,
+        ["--mod-routed-layers", "all", "--mod-threshold", "0.5", "--mod-router-init-bias", "0",
+         "--mod-router-init-std", "2.0"],
+    )  # fmt: skip
     return work, run_pretrain(work, "single", 1, [])
 
 
