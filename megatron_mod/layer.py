@@ -122,9 +122,11 @@ class MoDTransformerLayer(TransformerLayer):
             # micro-batch is recorded once.
             # The logits' quantiles let the compute-target controller place next step's
             # threshold where it keeps the scheduled fraction (training.controller).
-            get_metrics_tracker().record(
+            tracker = get_metrics_tracker()
+            quantiles = logit_quantiles(logits) if tracker.record_logit_quantiles else None
+            tracker.record(
                 self.global_layer_index, kept_fraction, mean_gate, load_loss, decision.kth_gate,
-                logit_quantiles(logits),
+                quantiles,
             )  # fmt: skip
 
         if sequence_parallel:

@@ -45,6 +45,9 @@ class MoDMetricsTracker:
         self._sums: dict[int, torch.Tensor] = {}
         self._counts: dict[int, int] = {}
         self.enabled = True
+        # Sorting every routed layer's logits costs a little on each forward: only a consumer
+        # (the compute-target controller) turns it on.
+        self.record_logit_quantiles = False
 
     def record(
         self,

@@ -106,10 +106,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     mod_config = metadata.mod_config
     if mod_config is None and changes:
         raise ValueError(f"--load {load} is a dense checkpoint; --mod-* flags do not apply")
-    if "threshold" in changes:
-        changes["layer_thresholds"] = {}  # one threshold given: it applies to every layer
     if mod_config is not None:
-        mod_config = MoDConfig.from_dict({**mod_config.to_dict(), **changes})
+        mod_config = MoDConfig.from_cli_args(args, base=mod_config)
     tokenizer_dir = args.tokenizer_model or (
         str(load / metadata.tokenizer_dir) if metadata.tokenizer_dir else None
     )

@@ -171,8 +171,6 @@ class StepResult:
     kept_fraction: dict[int, float]
     kth_gate: dict[int, float] = field(default_factory=dict)
     """Top-k routing: per layer, the mean smallest kept gate (see ``RoutingDecision.kth_gate``)."""
-    mean_gate: dict[int, float] = field(default_factory=dict)
-    """Per routed layer: the mean router gate G_j."""
     logit_quantiles: dict[int, list[float]] = field(default_factory=dict, repr=False)
     """Per routed layer: its logits' quantiles (``router.QUANTILE_GRID`` points; not logged)."""
     skipped: bool = False
@@ -515,7 +513,6 @@ def train(
                 c_eff=c_eff,
                 kept_fraction={k: s.kept_fraction for k, s in stats.items()},
                 kth_gate={k: s.kth_gate for k, s in stats.items() if s.kth_gate is not None},
-                mean_gate={k: s.mean_gate for k, s in stats.items()},
                 logit_quantiles={
                     k: s.logit_quantiles for k, s in stats.items() if s.logit_quantiles is not None
                 },

@@ -377,6 +377,7 @@ def build_run(args: argparse.Namespace) -> TrainingRun:
     )
     from megatron_mod.data.datasets import build_gpt_datasets, read_data_args_file
     from megatron_mod.data.megatron_tokenizer import megatron_tokenizer
+    from megatron_mod.metrics import get_metrics_tracker
     from megatron_mod.training import checkpoint as ckpt
     from megatron_mod.training.loop import ExitSignalHandler, TrainConfig
     from megatron_mod.training.optimizer import setup_model_and_optimizer
@@ -474,6 +475,8 @@ def build_run(args: argparse.Namespace) -> TrainingRun:
                 floor=args.mod_target_floor,
             ),
         )
+    # The controller reads each routed layer's logit quantiles; nothing else needs them.
+    get_metrics_tracker().record_logit_quantiles = controller is not None
     training = setup_model_and_optimizer(model, cfg)
     run = TrainingRun(
         args=args, resolved=resolved, load=load, save=save, resume=resume, metadata=metadata,

@@ -13,12 +13,10 @@ checkpoint's MoD config (what an export serves with).
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
-from tests.helpers.subprocess_utils import REPO
-from tests.helpers.training import make_converted_tiny_llama, run_checked
+from tests.helpers.training import make_converted_tiny_llama, run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -33,52 +31,18 @@ def converted(tmp_path_factory):
 
 
 def _train(work, target: float) -> dict:
-    save = work / f"trained_{target}"
-    summary = work / f"{target}.json"
-    run_checked(
-        [
-            sys.executable,
-            str(REPO / "tools/pretrain_mod.py"),
-            "--load",
-            str(work / "ckpt"),
-            "--save",
-            str(save),
-            "--summary-json",
-            str(summary),
-            "--data-path",
-            "1.0",
-            str(work / "data" / "stdlib_text_document"),
-            "--split",
-            "95,5,0",
-            "--seq-length",
-            "64",
-            "--micro-batch-size",
-            "4",
-            "--global-batch-size",
-            "8",
-            "--train-iters",
-            "100",
-            "--lr",
-            "2e-3",
-            "--min-lr",
-            "2e-4",
-            "--lr-warmup-iters",
-            "5",
-            "--eval-iters",
-            "2",
-            "--log-interval",
-            "10",
-            "--overwrite",
-            "--mod-target-compute",
-            str(target),
-            "--mod-target-warmup-steps",
-            "30",
-            "--mod-target-floor",
-            str(FLOOR),
-        ]  # fmt: skip
-    )
-    result = json.loads(summary.read_text())
-    result["saved_mod"] = json.loads((save / "megatron_mod_config.json").read_text())["mod"]
+    # The shared command line (tests.helpers.training.COMMON) with this test's budget: argparse
+    # takes the last value of a repeated flag.
+    name = f"target_{target}"
+    result = run_pretrain(
+        work, name, 1,
+        ["--micro-batch-size", "4", "--train-iters", "100", "--lr", "2e-3", "--min-lr", "2e-4",
+         "--lr-warmup-iters", "5", "--eval-iters", "2", "--log-interval", "10",
+         "--mod-target-compute", str(target), "--mod-target-warmup-steps", "30",
+         "--mod-target-floor", str(FLOOR)],
+    )  # fmt: skip
+    config = work / f"trained_{name}" / "megatron_mod_config.json"
+    result["saved_mod"] = json.loads(config.read_text())["mod"]
     return result
 
 
