@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,6 +266,8 @@ def convert_hf_to_megatron(
     seed: int = 1234,
     progress: bool = True,
     explicit_mod_fields: Collection[str] | None = None,
+    router_weights: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> ConversionSummary:
     """Convert a HF LLaMA-family checkpoint (or a GGUF file) into a megatron-mod checkpoint.
 
@@ -293,6 +295,10 @@ def convert_hf_to_megatron(
             threshold, capacity, gate, routed layers and top-k decode threshold; every other
             one of these is kept from the source (the CLI passes the ``--mod-*`` flags given
             on its command line). ``None``: none, the source's settings are all kept.
+        router_weights: ``{layer: (weight [1, h], bias [1])}`` routers to store for routed
+            layers (e.g. fitted by :mod:`megatron_mod.hf.calibrate`); they take precedence over
+            the source's routers and the initialisation. Every key must be a routed layer.
+        provenance: extra JSON-ready entries for the checkpoint metadata's ``source`` record.
 
     Returns:
         A :class:`ConversionSummary`.
@@ -313,7 +319,7 @@ def convert_hf_to_megatron(
             gguf_to_hf(hf_dir, Path(tmp) / "hf", dtype=None if dtype == "auto" else dtype)
             summary = convert_hf_to_megatron(
                 Path(tmp) / "hf", out_dir, tp, pp, mod_config, dtype, overwrite, max_seq_len,
-                seed, progress, explicit_mod_fields,
+                seed, progress, explicit_mod_fields, router_weights, provenance,
             )  # fmt: skip
         summary.source = str(hf_dir)
         summary.seconds = time.time() - start  # dequantization included
@@ -321,7 +327,7 @@ def convert_hf_to_megatron(
         return summary
     return _convert_hf_dir(
         hf_dir, out_dir, tp, pp, mod_config, dtype, max_seq_len, seed, progress,
-        explicit_mod_fields,
+        explicit_mod_fields, dict(router_weights or {}), dict(provenance or {}),
     )  # fmt: skip
 
 
@@ -336,6 +342,8 @@ def _convert_hf_dir(
     seed: int,
     progress: bool,
     explicit_mod_fields: Collection[str] | None,
+    router_weights: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    provenance: dict[str, Any],
 ) -> ConversionSummary:
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
@@ -379,6 +387,19 @@ def _convert_hf_dir(
     dropped = sorted(source_routers - set(routed))
     if dropped:
         summary.notes.append(f"source routers of non-routed layers {dropped} dropped")
+    not_routed = sorted(set(router_weights) - set(routed))
+    if not_routed:
+        raise ConversionError(
+            f"routers given for layers {not_routed}, which are not routed (routed: {routed})"
+        )
+    for layer, (weight, bias) in router_weights.items():
+        if tuple(weight.shape) != (1, dims.hidden_size) or tuple(bias.shape) != (1,):
+            raise ConversionError(
+                f"router of layer {layer}: weight {tuple(weight.shape)} / bias "
+                f"{tuple(bias.shape)}, expected (1, {dims.hidden_size}) / (1,)"
+            )
+    if router_weights:
+        summary.notes.append(f"routers of layers {sorted(router_weights)} given by the caller")
 
     torch.manual_seed(seed)  # the routers' initialisation
     sharded, mappings = _planning_model(metadata, routed, "convert_hf_to_megatron")
@@ -399,7 +420,10 @@ def _convert_hf_dir(
                     continue
                 mapping = mappings[name]
                 if name.endswith(("router.weight", "router.bias")):
-                    if layer_index(name) in source_routers:
+                    given = router_weights.get(layer_index(name))
+                    if given is not None:
+                        data = given[0 if name.endswith("weight") else 1].detach().float().cpu()
+                    elif layer_index(name) in source_routers:
                         data = reader.get(mapping.hf_names)[mapping.hf_names[0]].float()
                     else:
                         data = item.data.detach().float()  # MoDRouter's own initialisation
@@ -426,6 +450,7 @@ def _convert_hf_dir(
             "converter": "megatron_mod.hf.convert.convert_hf_to_megatron",
             "hf_dir": str(hf_dir.absolute()),
             "generation_config": json.loads(gen.read_text()) if gen.is_file() else None,
+            **provenance,
         }
         write_checkpoint_metadata(tmp, metadata)
         write_latest(tmp, 0)
