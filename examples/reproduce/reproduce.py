@@ -6,12 +6,16 @@ Variants (each continued-trained from the same base, same data order, same token
 * ``a_modification``: threshold routing (p) with the load-reducing loss, steered to a target c_eff
   by the trainer's compute-target controller (``--mod-target-compute``) when it offers one, else
   at a fixed load-loss coefficient (the output says which);
-* ``b_topk``: top-k MoD with the per-layer capacity that gives the c_eff ``a`` reached;
+* ``b_topk``: top-k MoD with the per-layer capacity that gives the c_eff ``a`` reached (``g``'s
+  when ``a`` is not run);
 * ``c_shortgpt``: the least important whole layers removed (block-influence score,
   ``tools/prune_layers.py``) down to that c_eff, then dense continued training;
 * ``d_routers_only``: as ``a`` with the base frozen, only the routers trained
   (``--mod-train-routers-only``; reported as not run when the trainer lacks the flag);
 * ``e_dense``: dense continued training (the ceiling);
+* ``g_calibrated``: as ``a``, but the routed layers, their kept fractions and the routers come
+  from ``tools/calibrate_routers.py`` on training text (the base frozen): the checkpoint starts
+  keeping every token and the compute target anneals each layer to its calibrated budget;
 * ``f_fixed_alpha``: MoDification with the project's (the method's) defaults: the ``scale`` gate
   (``h + g * (layer(h) - h)``), router bias +2 and the fixed load-loss coefficient alpha, no
   compute target, to show what the published recipe does at this budget.
@@ -50,7 +54,10 @@ sys.path.insert(0, str(HERE))
 
 import measure  # noqa: E402
 
-VARIANTS = ("a_modification", "b_topk", "c_shortgpt", "d_routers_only", "e_dense", "f_fixed_alpha")
+VARIANTS = (
+    "a_modification", "g_calibrated", "b_topk", "c_shortgpt", "d_routers_only", "e_dense",
+    "f_fixed_alpha",
+)  # fmt: skip
 LABELS = {
     "base": "base (untouched)",
     "a_modification": "(a) MoDification: threshold p + load loss",
@@ -59,6 +66,7 @@ LABELS = {
     "d_routers_only": "(d) routers only, base frozen",
     "e_dense": "(e) dense continued training",
     "f_fixed_alpha": "(f) MoDification defaults: scale gate, bias +2, fixed alpha",
+    "g_calibrated": "(g) MoDification, calibrated routers + compute target",
 }
 TRAIN_SUMMARY_KEYS = (
     "steps",
@@ -112,6 +120,7 @@ class Budget:
     bf16: bool = False
     tiny_base_steps: int = 0
     tiny_base_args: tuple = ()
+    calibration_windows: int = 8  # windows of eval_seq_length tokens for calibrate_routers
 
     @property
     def tokens_per_variant(self) -> int:
@@ -455,9 +464,18 @@ def routed_settings(
 
 
 def train_variant(
-    ctx: Context, name: str, hf_source: Path, convert: list[str], train: list[str], dense: bool
+    ctx: Context,
+    name: str,
+    hf_source: Path,
+    convert: list[str],
+    train: list[str],
+    dense: bool,
+    calibrate: list[str] | None = None,
 ) -> Path:
     """Convert ``hf_source``, continue training it (resuming a half-finished run) and export it.
+
+    ``calibrate``: make the starting checkpoint with ``tools/calibrate_routers.py`` and these
+    flags instead of the converter.
 
     Returns:
         The exported HF directory.
@@ -468,6 +486,12 @@ def train_variant(
     convert_cli = _load_script(REPO / "tools" / "convert_hf_to_megatron.py", "hf2mg")
     export_cli = _load_script(REPO / "tools" / "convert_megatron_to_hf.py", "mg2hf")
     converted = vdir / "converted.ok"
+    if calibrate is not None and not has_checkpoint(trained) and not converted.is_file():
+        log(f"   calibrate routers on {hf_source} -> {ckpt}")
+        argv = ["--model", str(hf_source), "--out-dir", str(ckpt), "--overwrite",
+                "--report-json", str(vdir / "calibration.json"), *calibrate]  # fmt: skip
+        run_cli(REPO / "tools" / "calibrate_routers.py", argv, vdir / "calibrate.log")
+        converted.write_text("")
     if not has_checkpoint(trained) and not (converted.is_file() and ckpt.is_dir()):
         log(f"   convert {hf_source} -> {ckpt}")
         argv = ["--hf-dir", str(hf_source), "--out-dir", str(ckpt), "--overwrite",
@@ -529,7 +553,10 @@ def run_variant(ctx: Context, name: str, results: dict) -> dict:
     t0 = time.perf_counter()
     base = ctx.work / "base"
     record: dict = {"name": name, "label": LABELS[name]}
+    # The baselines match the c_eff MoDification reached: (a)'s, else (g)'s.
     a_ceff = results.get("a_modification", {}).get("c_eff")
+    if a_ceff is None:
+        a_ceff = results.get("g_calibrated", {}).get("c_eff")
     if name == "base":
         hf = base
         record["settings"] = {"trained": "no"}
@@ -547,9 +574,32 @@ def run_variant(ctx: Context, name: str, results: dict) -> dict:
         )
         hf = train_variant(ctx, name, base, convert, train, dense=False)
         record["settings"] = settings
+    elif name == "g_calibrated":
+        if "--mod-target-compute" not in ctx.flags:
+            raise ReproduceError("g_calibrated needs the trainer's --mod-target-compute")
+        calibrate = ["--data", str(ctx.work / "corpus" / "train.jsonl"), "--target-compute",
+                     str(b.target_compute), "--seq-length", str(b.eval_seq_length),
+                     "--num-sequences", str(b.calibration_windows), "--no-progress",
+                     "--mod-threshold", str(b.threshold), "--mod-gate", "straight_through",
+                     "--device", b.device]  # fmt: skip
+        train = ["--mod-load-loss-coeff", str(b.alpha),
+                 "--mod-target-compute", str(b.target_compute),
+                 "--mod-target-warmup-steps", str(b.target_warmup)]  # fmt: skip
+        if b.router_lr_mult is not None:
+            train += ["--mod-router-lr-mult", str(b.router_lr_mult)]
+        hf = train_variant(ctx, name, base, [], train, dense=False, calibrate=calibrate)
+        plan = json.loads((ctx.work / "variants" / name / "calibration.json").read_text())
+        record["settings"] = {
+            "routing": "threshold", "threshold": b.threshold, "gate": "straight_through",
+            "routed_layers": plan["routed_layers"], "layer_kept_targets":
+            plan["layer_kept_targets"], "calibration_losses": plan["losses"],
+            "router_correlation": plan["router_correlation"], "target_compute":
+            b.target_compute, "target_warmup_steps": b.target_warmup,
+            "compute_control": "controller (--mod-target-compute), calibrated budgets",
+        }  # fmt: skip
     elif name == "b_topk":
         if a_ceff is None:
-            raise ReproduceError("b_topk needs a_modification's c_eff: run it first")
+            raise ReproduceError("b_topk needs a_modification's (or g_calibrated's) c_eff")
         layers = ctx.info["base_layers"]
         routed = len(range(1, layers, 2))  # every_other: the odd layers
         cap = topk_capacity(a_ceff, layers, routed)
@@ -568,7 +618,7 @@ def run_variant(ctx: Context, name: str, results: dict) -> dict:
                               "router_init_std": b.router_init_std}  # fmt: skip
     elif name == "c_shortgpt":
         if a_ceff is None:
-            raise ReproduceError("c_shortgpt needs a_modification's c_eff: run it first")
+            raise ReproduceError("c_shortgpt needs a_modification's (or g_calibrated's) c_eff")
         from megatron_mod.hf.prune import prune_hf_llama
 
         pruned = ctx.work / "variants" / name / "pruned_hf"
@@ -697,6 +747,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "benchmarks/results; --budget tiny: the work dir)")  # fmt: skip
     p.add_argument("--only", default=None, help="comma list of variants to run (default: all)")
     p.add_argument("--train-iters", type=int, default=None, help="override the profile's steps")
+    p.add_argument("--target-compute", type=float, default=None,
+                   help="override the profile's c_eff target (work dir and results get a "
+                        "_cNNN suffix)")  # fmt: skip
     p.add_argument(
         "--exit-duration-in-mins",
         type=float,
@@ -723,13 +776,20 @@ def main(argv=None) -> int:
     budget = BUDGETS[args.budget]
     if args.train_iters:
         budget = replace(budget, train_iters=args.train_iters)
+    suffix = ""
+    if args.target_compute is not None:
+        if not 0.0 < args.target_compute <= 1.0:
+            print("error: --target-compute must be in (0, 1]", file=sys.stderr)
+            return 2
+        budget = replace(budget, target_compute=args.target_compute)
+        suffix = f"_c{round(args.target_compute * 100):03d}"
     if budget.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             print("error: --budget gpu needs a CUDA GPU", file=sys.stderr)
             return 2
-    work = Path(args.work or REPO / "work" / f"reproduce_{args.budget}").resolve()
+    work = Path(args.work or REPO / "work" / f"reproduce_{args.budget}{suffix}").resolve()
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
@@ -824,7 +884,8 @@ def _run(args, budget: Budget, work: Path, start: float) -> int:
     }
     out_dir = Path(args.out_dir) if args.out_dir else (
         work if args.budget == "tiny" else REPO / "benchmarks" / "results")  # fmt: skip
-    stem = "reproduce_tiny" if args.budget == "tiny" else "reproduce_smollm2"
+    suffix = "" if args.target_compute is None else f"_c{round(budget.target_compute * 100):03d}"
+    stem = ("reproduce_tiny" if args.budget == "tiny" else "reproduce_smollm2") + suffix
     json_path = out_dir / f"{stem}_{device}.json"
     write_json_atomic(json_path, report)
     table = markdown_table(rows)

@@ -61,6 +61,7 @@ MEANING_CHANGING_ARGS = (
     "mod_target_warmup_steps",
     "mod_target_floor",
     "mod_router_lr_mult",
+    "mod_router_weight_decay",
     "mod_train_routers_only",
 )
 
@@ -227,6 +228,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=1.0,
         help="the routers' learning rates (peak and final) are this multiple of --lr/--min-lr",
+    )
+    g.add_argument(
+        "--mod-router-weight-decay",
+        action="store_true",
+        help="apply --weight-decay to the router weights too (default: routers are exempt, "
+        "as megatron exempts norms and biases)",
     )
     g.add_argument(
         "--mod-train-routers-only",

@@ -295,8 +295,13 @@ class ComputeTargetController:
                 a = cfg.drift_smoothing
                 self.drift[j] = (1.0 - a) * self.drift[j] + a * shift
             self.previous_quantiles[j] = quantiles[j]
-            if j not in self.ramp_start or self.scheduled[j] >= 1.0 or q <= 0.0:
+            if self.scheduled[j] >= 1.0 or q <= 0.0 or quantiles[j][-1] - quantiles[j][0] <= 1e-6:
                 thresholds[j] = 0.0  # keep everything
+                continue
+            if j not in self.ramp_start:
+                # Not ready: hold the fraction the layer started with (a calibrated checkpoint
+                # may start below 1), without drift, which is not measured yet.
+                thresholds[j] = _sigmoid(_quantile(quantiles[j], q))
                 continue
             thresholds[j] = _sigmoid(_quantile(quantiles[j], q) + self.drift[j])
         self.mod_config.layer_thresholds.update(thresholds)

@@ -51,6 +51,7 @@ ON_NAN_CHOICES = ("skip", "stop")
 _FLAGS_OF_FIELDS = {
     "router_lr_mult": "mod_router_lr_mult",
     "train_routers_only": "mod_train_routers_only",
+    "router_weight_decay": "mod_router_weight_decay",
 }
 
 
@@ -88,6 +89,8 @@ class TrainConfig:
     """The routers' peak and final learning rates are this multiple of ``lr`` / ``min_lr``."""
     train_routers_only: bool = False
     """Freeze everything but the routers (the Router-Tuning baseline)."""
+    router_weight_decay: bool = False
+    """Apply ``weight_decay`` to router weights too (default: exempt, like norms and biases)."""
     on_nan: str = "stop"
     """A non-finite LM loss or gradient norm: ``skip`` the update or ``stop`` with an error."""
     exit_signal_handler: bool = False

@@ -76,6 +76,7 @@ def setup_model_and_optimizer(model: torch.nn.Module, cfg: TrainConfig):
         ),
         [ddp_model],
         router_lr_mult=cfg.router_lr_mult,
+        router_weight_decay=cfg.router_weight_decay,
     )
     _fix_distributed_optimizer_index_maps(optimizer)
     # The schedule calls these: gradient reduction after the last micro-batch, no gradient sync

@@ -1,4 +1,4 @@
-"""Router-specific optimisation: a learning-rate multiplier for routers, or routers alone.
+"""Router-specific optimisation: the routers' learning rate and weight decay, or routers alone.
 
 A converted model's routers start far from any useful decision, and Adam moves each parameter
 by about ``lr`` per step: at the continued-pretraining learning rates of a large model (1e-5 to
@@ -45,18 +45,35 @@ def freeze_all_but_routers(model: torch.nn.Module) -> int:
     return trainable
 
 
-def build_megatron_optimizer(optimizer_config, model_chunks: list, router_lr_mult: float = 1.0):
-    """``get_megatron_optimizer`` with the routers' learning rate scaled by ``router_lr_mult``.
+def build_megatron_optimizer(
+    optimizer_config,
+    model_chunks: list,
+    router_lr_mult: float = 1.0,
+    router_weight_decay: bool = False,
+):
+    """``get_megatron_optimizer`` with the routers' own learning rate and weight decay.
 
-    megatron-core 0.16+ takes per-parameter-group overrides (``config_overrides``: the routers'
-    ``max_lr``/``min_lr``, merged with megatron's standard no-weight-decay overrides); older
-    releases took ``scale_lr_cond``/``lr_mult``. This is the one place that knows the difference.
+    Routers follow megatron's no-weight-decay rule for gates and norms: ``router.weight`` is
+    2-D (``[1, h]``), so the standard rule (biases and 1-D parameters) would decay it; here it is
+    exempt unless ``router_weight_decay``. Decay would pull every router towards the zero
+    router, whose logits are all equal: the state in which threshold routing cannot tell tokens
+    apart. ``router_lr_mult`` scales the routers' peak and final learning rates.
+
+    megatron-core 0.16+ takes per-parameter-group overrides (``config_overrides``, merged with
+    megatron's standard no-weight-decay overrides); older releases took ``scale_lr_cond`` /
+    ``lr_mult`` / ``no_weight_decay_cond``. This is the one place that knows the difference.
     """
     from megatron.core.optimizer import get_megatron_optimizer
 
     if router_lr_mult <= 0:
         raise ValueError(f"--mod-router-lr-mult must be > 0, got {router_lr_mult}")
-    if router_lr_mult == 1.0:
+    router_override = {}
+    if router_lr_mult != 1.0:
+        router_override["max_lr"] = optimizer_config.lr * router_lr_mult
+        router_override["min_lr"] = optimizer_config.min_lr * router_lr_mult
+    if not router_weight_decay:
+        router_override["wd_mult"] = 0.0
+    if not router_override:
         return get_megatron_optimizer(optimizer_config, model_chunks)
     params = inspect.signature(get_megatron_optimizer).parameters
     if "config_overrides" in params:
@@ -64,14 +81,14 @@ def build_megatron_optimizer(optimizer_config, model_chunks: list, router_lr_mul
         from megatron.core.optimizer.optimizer_config import ParamKey
 
         overrides = dict(get_standard_config_overrides(optimizer_config) or {})
-        overrides[ParamKey(name=ROUTER_NAME_PATTERN)] = {
-            "max_lr": optimizer_config.lr * router_lr_mult,
-            "min_lr": optimizer_config.min_lr * router_lr_mult,
-        }
+        overrides[ParamKey(name=ROUTER_NAME_PATTERN)] = router_override
         return get_megatron_optimizer(optimizer_config, model_chunks, config_overrides=overrides)
-    return get_megatron_optimizer(
-        optimizer_config,
-        model_chunks,
-        scale_lr_cond=lambda name, param: is_router_parameter(name),
-        lr_mult=router_lr_mult,
-    )
+    legacy = {}
+    if router_lr_mult != 1.0:
+        legacy["scale_lr_cond"] = lambda name, param: is_router_parameter(name)
+        legacy["lr_mult"] = router_lr_mult
+    if not router_weight_decay:
+        legacy["no_weight_decay_cond"] = lambda name, param: (
+            is_router_parameter(name) or name.endswith(".bias") or len(param.shape) == 1
+        )
+    return get_megatron_optimizer(optimizer_config, model_chunks, **legacy)

@@ -21,7 +21,7 @@ def _model():
     )
 
 
-def _ddp_and_optimizer(model, router_lr_mult):
+def _ddp_and_optimizer(model, router_lr_mult, router_weight_decay=False):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -32,7 +32,9 @@ def _ddp_and_optimizer(model, router_lr_mult):
         config=model.config, ddp_config=DistributedDataParallelConfig(), module=model
     )
     config = OptimizerConfig(optimizer="adam", lr=1e-3, min_lr=1e-4, weight_decay=0.1)
-    optimizer = build_megatron_optimizer(config, [ddp], router_lr_mult=router_lr_mult)
+    optimizer = build_megatron_optimizer(
+        config, [ddp], router_lr_mult=router_lr_mult, router_weight_decay=router_weight_decay
+    )
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=0, lr_decay_steps=10,
         lr_decay_style="cosine", start_wd=0.1, end_wd=0.1, wd_incr_steps=10,
@@ -59,9 +61,29 @@ def test_router_lr_multiplier_scales_only_the_routers_schedule(mcore):
     assert router_group is not base_group
     assert router_group["lr"] == pytest.approx(10.0 * base_group["lr"])
     assert 1e-4 < base_group["lr"] < 1e-3
-    # megatron's standard overrides still apply: no weight decay on the router bias.
+    # megatron's standard overrides still apply: no weight decay on biases, norms.
     assert _group_of(optimizer, router.bias)["wd_mult"] == 0.0
-    assert router_group["wd_mult"] == 1.0
+    assert router_group["wd_mult"] == 0.0
+    assert base_group["wd_mult"] == 1.0
+
+
+@pytest.mark.parametrize("lr_mult", [1.0, 3.0])
+def test_router_weights_are_exempt_from_weight_decay_unless_asked(mcore, lr_mult):
+    model = _model()
+    router = model.decoder.layers[0].router
+    qkv = model.decoder.layers[0].self_attention.linear_qkv.weight
+    _, optimizer, scheduler = _ddp_and_optimizer(model, router_lr_mult=lr_mult)
+    scheduler.step(increment=1)
+    assert router.weight.dim() == 2  # the standard rule (1-D and biases) would decay it
+    assert _group_of(optimizer, router.weight)["wd_mult"] == 0.0
+    assert _group_of(optimizer, router.weight)["weight_decay"] == 0.0
+    assert _group_of(optimizer, qkv)["weight_decay"] == pytest.approx(0.1)
+    model = _model()
+    _, optimizer, scheduler = _ddp_and_optimizer(model, lr_mult, router_weight_decay=True)
+    scheduler.step(increment=1)
+    router = model.decoder.layers[0].router
+    assert _group_of(optimizer, router.weight)["weight_decay"] == pytest.approx(0.1)
+    assert _group_of(optimizer, router.bias)["weight_decay"] == 0.0
 
 
 def test_routers_only_freezes_the_base_model_and_trains_the_routers(mcore):

@@ -87,6 +87,18 @@ def test_tied_logits_keep_everything_until_ready():
     assert ctl.ramp_start == {}
 
 
+def test_a_layer_that_starts_below_one_holds_its_fraction_until_ready():
+    """A calibrated checkpoint starts at kept 0.8: the controller holds 0.8, it does not reset
+    the layer to keep-all while it waits for readiness."""
+    mod = MoDConfig(routed_layers=[1])
+    ctl = ComputeTargetController(mod, 2, ComputeTargetConfig(target=0.6))
+    sample = torch.randn(20000, generator=torch.Generator().manual_seed(2))
+    quantiles = logit_quantiles(sample).tolist()
+    p = ctl.update({1: 0.8}, {1: quantiles})[1]
+    assert ctl.ramp_start == {}
+    assert float((sample >= gate_threshold_logit(p)).float().mean()) == pytest.approx(0.8, abs=0.01)
+
+
 def test_state_round_trip_through_json_and_errors():
     mod = MoDConfig(routed_layers="1,3")
     cfg = ComputeTargetConfig(target=0.8, warmup_steps=3)
