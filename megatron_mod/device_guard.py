@@ -25,6 +25,18 @@ megatron's gloo groups, which exist for host tensors), or when an operation comb
 tensor of at least one dimension with a device tensor. Enable it with
 ``MEGATRON_MOD_DEVICE_GUARD=1`` (the test suite does); it is a no-op on GPU hosts, where CUDA
 itself performs these checks.
+
+What it does not see:
+
+- **work inside autograd ``backward``**: PyTorch runs backward functions outside any
+  ``TorchFunctionMode``, so tensors created there are not tagged and mixing there is not
+  checked. Collectives called there are still checked for tensors tagged in the forward.
+- **``torch.device("cpu")`` objects**: on a CPU host ``platform.device()`` and ``x.device`` are
+  the same object, so every ``torch.device`` counts as the compute device. Pass
+  ``platform.device()`` (never a literal CPU device) where a tensor belongs on the GPU; the
+  literal string ``"cpu"`` is caught.
+- collectives bound to a name before :func:`install_collective_guards` ran in a module outside
+  ``megatron`` (megatron's own, ``dist_all_gather_func`` and the like, are re-pointed).
 """
 
 from __future__ import annotations
@@ -259,13 +271,30 @@ def _guard_collective(name: str, collective):
     return guarded
 
 
+_GUARDED_BY_ORIGINAL: dict[int, object] = {}  # id(original collective) -> its guarded wrapper
+
+
 def install_collective_guards() -> None:
-    """Wrap ``torch.distributed``'s tensor collectives with the host-tensor check (idempotent)."""
+    """Wrap ``torch.distributed``'s tensor collectives with the host-tensor check (idempotent).
+
+    megatron-core binds some collectives to its own names at import (``dist_all_gather_func``,
+    ``dist_reduce_scatter_func``: every SP gather and DDP bucket); every such name in a loaded
+    ``megatron`` module is re-pointed at the guarded wrapper too.
+    """
     for name in _COLLECTIVES:
         collective = getattr(torch.distributed, name, None)
         if collective is None or getattr(collective, "_megatron_mod_guarded", False):
             continue
-        setattr(torch.distributed, name, _guard_collective(name, collective))
+        guarded = _guard_collective(name, collective)
+        _GUARDED_BY_ORIGINAL[id(collective)] = guarded
+        setattr(torch.distributed, name, guarded)
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not module_name.startswith("megatron."):
+            continue
+        for attr, value in list(vars(module).items()):
+            guarded = _GUARDED_BY_ORIGINAL.get(id(value))
+            if guarded is not None and callable(value):
+                setattr(module, attr, guarded)
 
 
 def is_active() -> bool:

@@ -111,7 +111,10 @@ class MoDTransformerLayer(TransformerLayer):
         if sequence_parallel:
             # Every rank then routes the full sequence identically ([s, b] floats, cheap); the
             # backward keeps each rank's slice, and the router's grads are summed over TP.
-            logits = gather_from_sequence_parallel_region(logits, tensor_parallel_output_grad=False)
+            # The layer's own TP group (pg_collection), the one token planning and dispatch use.
+            logits = gather_from_sequence_parallel_region(
+                logits, tensor_parallel_output_grad=False, group=self._tp_group()
+            )
 
         decision = select_tokens(logits, self.mod_config, self.global_layer_index)
         self.last_keep = decision.keep

@@ -246,7 +246,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_process_group() -> None:
+DEFAULT_TIMEOUT_MINUTES = 30.0
+"""Collective timeout: rank 0 alone builds a large blend's sample index while the rest wait."""
+
+
+def _init_process_group(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
     if torch.distributed.is_initialized():
         return
     backend = "gloo" if is_cpu_mode() else "nccl"
@@ -261,18 +265,29 @@ def _init_process_group() -> None:
         # A plain single process still needs a 1-rank group. Its store listens on a fresh port,
         # and nothing is written to os.environ, so child processes do not inherit a busy port.
         rank, world_size, init_method = 0, 1, f"tcp://127.0.0.1:{_free_port()}"
+    extra = {}
     if not is_cpu_mode():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local)
+        # Binds NCCL's communicator to this GPU at once (eager init): no guessing of the device
+        # by the first collective, and no barrier warning about an unknown device.
+        extra["device_id"] = local
     torch.distributed.init_process_group(
         backend=backend,
         init_method=init_method,
         rank=rank,
         world_size=world_size,
-        timeout=datetime.timedelta(minutes=10),
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+        **extra,
     )
 
 
-def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
+def initialize(
+    tp: int = 1,
+    pp: int = 1,
+    seed: int = 1234,
+    timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
+) -> None:
     """Initialise distributed state for a megatron-core run.
 
     Initialises ``torch.distributed`` (gloo on CPU, NCCL on GPU; works under ``torchrun`` and as a
@@ -283,7 +298,10 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
     Args:
         tp: tensor-model-parallel size.
         pp: pipeline-model-parallel size.
-        seed: base seed; tensor-parallel ranks derive their own streams from it.
+        seed: base seed. As in Megatron-LM, pipeline stage ``r`` seeds with ``seed + 100 * r``
+            (its layers' dropout must not repeat another stage's); tensor-parallel ranks derive
+            their own streams from that.
+        timeout_minutes: timeout of collectives (and of the first barrier).
 
     Raises:
         ValueError: if the world size is not divisible by ``tp * pp``.
@@ -292,7 +310,7 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     apply_cpu_patches()
-    _init_process_group()
+    _init_process_group(timeout_minutes)
     world = torch.distributed.get_world_size()
     if tp < 1 or pp < 1 or world % (tp * pp) != 0:
         raise ValueError(
@@ -304,6 +322,7 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
     )
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -102,6 +102,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "it resumes under another TP/PP too; default: each rank's shard as is (DP changes only)",
     )
     g.add_argument(
+        "--distributed-timeout-minutes",
+        type=float,
+        default=30.0,
+        help="timeout of collectives; rank 0 alone builds a new blend's sample index while the "
+        "others wait at a barrier (default: 30)",
+    )
+    g.add_argument(
         "--exit-signal-handler",
         action="store_true",
         help="on SIGTERM, finish the current step, save a checkpoint and exit 0",
@@ -266,6 +273,8 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.distributed_timeout_minutes <= 0:
+        parser.error("--distributed-timeout-minutes must be > 0")
     if args.mod_router_lr_mult <= 0:
         parser.error("--mod-router-lr-mult must be > 0")
     if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:

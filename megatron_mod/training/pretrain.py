@@ -402,7 +402,9 @@ def build_run(args: argparse.Namespace) -> TrainingRun:
         )
     if args.mod_target_compute is not None and mod_config is None:
         raise ValueError("--mod-target-compute needs a MoD checkpoint (this one is dense)")
-    platform.initialize(tp=tp, pp=pp, seed=args.seed)
+    platform.initialize(
+        tp=tp, pp=pp, seed=args.seed, timeout_minutes=args.distributed_timeout_minutes
+    )
     rank = torch.distributed.get_rank()
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()

@@ -457,3 +457,21 @@ print("reversible")
         [sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True
     )
     assert proc.returncode == 0 and "reversible" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_device_guard_covers_megatrons_collectives_bound_at_import(mcore):
+    """megatron binds all_gather_into_tensor / reduce_scatter_tensor to its own names at import
+    (SP gathers, DDP buckets): a host tensor through those names is refused too."""
+    from megatron.core.distributed import param_and_grad_buffer
+    from megatron.core.tensor_parallel import layers, mappings
+
+    from megatron_mod.device_guard import HostTensorError, enabled
+
+    with enabled():
+        for module in (mappings, layers, param_and_grad_buffer):
+            # Both host: no device mixing to trip over, only the collective's own check.
+            host, out = torch.zeros(4), torch.zeros(4)
+            with pytest.raises(HostTensorError, match="torch.distributed"):
+                module.dist_all_gather_func(out, host)
+            with pytest.raises(HostTensorError, match="torch.distributed"):
+                module.dist_reduce_scatter_func(out, host)

@@ -224,3 +224,30 @@ def test_skipped_tokens_cost_no_layer_compute(mcore):
             rotary_pos_emb=rope,
         )
     assert seen == [8, 8]
+
+
+def test_sequence_parallel_gathers_logits_over_the_layers_own_tp_group(mcore, monkeypatch):
+    """Under SP the router logits are gathered over the layer's pg_collection TP group, the
+    group its token planning and dispatch use, not megatron's global default."""
+    from types import SimpleNamespace
+
+    import megatron_mod.layer as layer_module
+    from megatron_mod.config import MoDConfig
+
+    layer, rope, config = layer_and_rope(MoDConfig(threshold=0.5), seq=8)
+    own_group = torch.distributed.new_group([0])
+    layer._pg_collection = SimpleNamespace(tp=own_group)
+    seen = []
+    real_gather = layer_module.gather_from_sequence_parallel_region
+
+    def recording_gather(tensor, *args, **kwargs):
+        seen.append(kwargs.get("group"))
+        return real_gather(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(layer_module, "gather_from_sequence_parallel_region", recording_gather)
+    monkeypatch.setattr(config, "sequence_parallel", True)
+    monkeypatch.setattr(layer.config, "sequence_parallel", True)
+    hidden = torch.randn(8, 2, config.hidden_size, device=DEVICE)
+    with torch.no_grad():
+        layer(hidden, attention_mask=None, rotary_pos_emb=rope)
+    assert seen and all(group is own_group for group in seen)
