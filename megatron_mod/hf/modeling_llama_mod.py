@@ -150,6 +150,8 @@ class LlamaModCache:
         self.values: list[Optional[torch.Tensor]] = [None] * num_layers
         self.positions: list[Optional[torch.Tensor]] = [None] * num_layers
         self.lengths: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.host_lengths: list[Optional[list[int]]] = [None] * num_layers
+        """``lengths`` mirrored on the host: capacity and masks are planned without a sync."""
         self.seen_tokens = 0
         """Input columns consumed so far, padding included (what ``generate`` counts)."""
         self.real_tokens: Optional[torch.Tensor] = None
@@ -176,21 +178,23 @@ class LlamaModCache:
         """[b] number of tokens stored for layer ``layer_idx`` in each sequence."""
         lengths = self.lengths[layer_idx]
         if lengths is None:
-            batch = 0 if self.real_tokens is None else self.real_tokens.shape[0]
-            return torch.zeros(batch, dtype=torch.long)
+            batch, device = 0, None
+            if self.real_tokens is not None:
+                batch, device = self.real_tokens.shape[0], self.real_tokens.device
+            return torch.zeros(batch, dtype=torch.long, device=device)
         return lengths.clone()
 
     def stored_bytes(self) -> int:
         """Bytes of the entries in use: K, V and position of every stored token, all layers."""
         total = 0
         for keys, values, positions, lengths in zip(
-            self.keys, self.values, self.positions, self.lengths
+            self.keys, self.values, self.positions, self.host_lengths
         ):
             if keys is None:
                 continue
             per_token = keys.shape[1] * keys.shape[3]
             per_token *= keys.element_size() + values.element_size()
-            total += int(lengths.sum()) * (per_token + positions.element_size())
+            total += sum(lengths) * (per_token + positions.element_size())
         return total
 
     def allocated_bytes(self) -> int:
@@ -205,8 +209,9 @@ class LlamaModCache:
     def layer_positions(self, layer_idx: int, batch_index: int) -> torch.Tensor:
         """Original position ids of the tokens layer ``layer_idx`` stored for one sequence."""
         if self.lengths[layer_idx] is None:
-            return torch.zeros(0, dtype=torch.long)
-        n = int(self.lengths[layer_idx][batch_index])
+            device = None if self.real_tokens is None else self.real_tokens.device
+            return torch.zeros(0, dtype=torch.long, device=device)
+        n = self.host_lengths[layer_idx][batch_index]
         return self.positions[layer_idx][batch_index, :n].clone()
 
     # -- updates
@@ -255,8 +260,11 @@ class LlamaModCache:
         value: torch.Tensor,
         positions: torch.Tensor,
         valid: torch.Tensor,
+        counts: list[int],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Append a layer's newly computed tokens and return what they attend to.
+
+        No host synchronisation: sizes come from ``counts`` and the host copy of the lengths.
 
         Args:
             layer_idx: the layer.
@@ -264,6 +272,7 @@ class LlamaModCache:
             value: [b, kv_heads, m, d].
             positions: [b, m] original position ids.
             valid: [b, m] bool, a prefix of each row: real compact tokens (the rest is padding).
+            counts: the number of valid tokens of each row, on the host (``valid.sum(1)``).
 
         Returns:
             ``(keys, values, mask)``: ``[b, kv_heads, L, d]`` twice and a ``[b, 1, m, L]`` bool
@@ -272,23 +281,23 @@ class LlamaModCache:
             that is plain causal attention over the returned keys (empty cache, or one new token
             per sequence and equal stored lengths), so the caller can use the faster kernel.
         """
-        batch, _, m, _ = key.shape
-        lengths_before = self.lengths[layer_idx]
-        if lengths_before is None:
-            lengths_before = torch.zeros(batch, dtype=torch.long, device=key.device)
-        shortest, longest = (int(x) for x in torch.aminmax(lengths_before))
+        batch, heads, m, head_dim = key.shape
+        before = self.host_lengths[layer_idx] or [0] * batch
+        shortest, longest = min(before, default=0), max(before, default=0)
         # Room for every compact slot, padding included, so padded query rows index real memory.
         needed = longest + m
         self._ensure_capacity(layer_idx, key, needed)
         lengths = self.lengths[layer_idx]
-        rows, cols = valid.nonzero(as_tuple=True)
-        slots = lengths[rows] + cols
-        self.keys[layer_idx][rows, :, slots] = key[rows, :, cols].to(self.keys[layer_idx].dtype)
-        self.values[layer_idx][rows, :, slots] = value[rows, :, cols].to(
-            self.values[layer_idx].dtype
-        )
-        self.positions[layer_idx][rows, slots] = positions[rows, cols]
+        # Every compact slot is written, padding included: a padded slot lands past its
+        # sequence's new length, where no real query reads and the next append overwrites. No
+        # data-dependent index (nonzero), so no host synchronisation.
+        slots = lengths[:, None] + torch.arange(m, device=key.device)[None, :]
+        index = slots[:, None, :, None].expand(batch, heads, m, head_dim)
+        self.keys[layer_idx].scatter_(2, index, key.to(self.keys[layer_idx].dtype))
+        self.values[layer_idx].scatter_(2, index, value.to(self.values[layer_idx].dtype))
+        self.positions[layer_idx].scatter_(1, slots, positions)
         self.lengths[layer_idx] = lengths + valid.sum(dim=1)
+        self.host_lengths[layer_idx] = [b + c for b, c in zip(before, counts)]
         if longest == 0:
             return key, value, None
         keys = self.keys[layer_idx][:, :, :needed]
@@ -304,7 +313,10 @@ class LlamaModCache:
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select/reorder sequences (beam search)."""
+        order = beam_idx.tolist()
         for i in range(self.num_layers):
+            if self.host_lengths[i] is not None:
+                self.host_lengths[i] = [self.host_lengths[i][j] for j in order]
             for store in (self.keys, self.values, self.positions, self.lengths):
                 if store[i] is not None:
                     store[i] = store[i].index_select(0, beam_idx.to(store[i].device))
@@ -398,10 +410,13 @@ class LlamaModDecoderLayer(LlamaDecoderLayer):
         """
         batch, seq, hidden = hidden_states.shape
         counts = keep.sum(dim=1)
-        m = int(counts.max()) if batch else 0
+        # The layer's one host read: each sequence's kept count gives the compact length,
+        # whether nothing or everything is kept, and the cache's bookkeeping.
+        counts_host = counts.tolist()
+        m = max(counts_host, default=0)
         if m == 0:
             return hidden_states  # nothing kept anywhere: the layer is the identity
-        if m == seq and bool(keep.all()):
+        if min(counts_host) == seq:
             index = None  # everything kept: no gather/scatter
             compact, pos = hidden_states, position_ids
             cos, sin = position_embeddings
@@ -417,7 +432,7 @@ class LlamaModDecoderLayer(LlamaDecoderLayer):
                 t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
                 for t in position_embeddings
             )
-        output = self._compute(compact, (cos, sin), pos, valid, cache)
+        output = self._compute(compact, (cos, sin), pos, valid, cache, counts_host)
 
         dtype = hidden_states.dtype
         if gates is None:
@@ -445,6 +460,7 @@ class LlamaModDecoderLayer(LlamaDecoderLayer):
         positions: torch.Tensor,
         valid: torch.Tensor,
         cache: Optional[LlamaModCache],
+        counts: list[int],
     ) -> torch.Tensor:
         """The stock LLaMA decoder layer on a compact, right-padded batch ``x`` [b, m, h]."""
         attn = self.self_attn
@@ -458,7 +474,7 @@ class LlamaModDecoderLayer(LlamaDecoderLayer):
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if cache is not None:
-            k, v, mask = cache.update(self.layer_idx, k, v, positions, valid)
+            k, v, mask = cache.update(self.layer_idx, k, v, positions, valid, counts)
         else:
             mask = None
         # Without a mask the compact batch is plain causal: right padding puts every real compact

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
+from tests.helpers.host_syncs import HostSyncCounter
 from tests.helpers.mod_reference import mod_layer_reference
 
 pytestmark = pytest.mark.usefixtures("device_guard")
@@ -258,31 +258,6 @@ def test_all_kept_with_a_document_mask_equals_the_dense_layer(mcore):
 # ------------------------------------------------------------------ host syncs and shapes
 
 
-class _HostSyncCounter(TorchFunctionMode):
-    """Counts the calls that make the host wait for a device (int/bool/item/tolist/cpu/...)."""
-
-    SYNCS = {
-        torch.Tensor.__int__,
-        torch.Tensor.__bool__,
-        torch.Tensor.__float__,
-        torch.Tensor.__index__,
-        torch.Tensor.item,
-        torch.Tensor.tolist,
-        torch.Tensor.cpu,
-        torch.Tensor.numpy,
-        torch.Tensor.nonzero,
-    }
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.SYNCS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("routing", ["threshold", "topk"])
 def test_routed_layer_forward_and_backward_sync_the_host_once(mcore, routing):
     from megatron_mod.config import MoDConfig
@@ -293,7 +268,7 @@ def test_routed_layer_forward_and_backward_sync_the_host_once(mcore, routing):
     )
     layer.train()
     hidden = torch.randn(seq, batch, config.hidden_size, device=DEVICE, requires_grad=True)
-    with _HostSyncCounter() as counter:
+    with HostSyncCounter() as counter:
         out, _ = layer(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
         out.sum().backward()
     assert counter.count == 1  # the compact length

@@ -332,6 +332,29 @@ def test_greedy_generate_with_mod_cache_equals_recompute_and_cache_holds_kept_to
     assert (counts < torch.tensor([[9 + steps - 1], [4 + steps - 1]]).T).all()  # tokens skipped
 
 
+def test_a_decode_step_syncs_the_host_at_most_once_per_layer():
+    """Each layer reads its kept counts once; the cache plans from its host copy of lengths."""
+    from tests.helpers.host_syncs import HostSyncCounter
+
+    model = _model(seed=8, mod_routed_layers=[1, 2, 3])
+    ids, mask = _tokens([9, 4], seed=9)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        cache = out.past_key_values
+        for step in range(4):
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+            with HostSyncCounter() as counter:
+                out = model(token, attention_mask=mask, past_key_values=cache, use_cache=True)
+            assert counter.count <= model.config.num_hidden_layers, (step, counter.calls)
+    # Counts and positions come back on the cache's device whether a layer stored anything.
+    empty = LlamaModCache(2)
+    empty._begin(3, torch.device("cpu"))
+    assert empty.kept_counts(0).device == empty.real_tokens.device
+    assert empty.layer_positions(0, 0).device == empty.real_tokens.device
+    assert cache.kept_counts(1).device == cache.real_tokens.device
+
+
 def test_p0_generate_equals_stock_llama_generate_greedy_and_beam():
     model = _model(seed=8, mod_threshold=0.0, mod_gate="straight_through", mod_routed_layers="all")
     stock = _stock(model, attn="sdpa")
