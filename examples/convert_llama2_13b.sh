@@ -4,8 +4,8 @@
 # optimizer; needs at least 4 GPUs (one 8-GPU node).
 #
 #   HF_DIR=/models/Llama-2-13b-hf DATA_ARGS=data/blend.txt bash examples/convert_llama2_13b.sh
-#   # SLURM, one task per node:
-#   HF_DIR=... DATA_ARGS=... srun --nodes=N --ntasks-per-node=1 bash examples/convert_llama2_13b.sh
+#   # SLURM, one task per GPU (SIGTERM reaches every rank: saves on preemption):
+#   HF_DIR=... DATA_ARGS=... srun --nodes=N --ntasks-per-node=8 --gpus-per-node=8 bash examples/convert_llama2_13b.sh
 #
 # Memory per GPU (TP 4, DP 2, bf16, distributed optimizer): 3.3B params/GPU -> 6.5 GB weights,
 # 13 GB fp32 grads, 20 GB optimizer shard; activations ~6 GB (40 layers, SP): ~46 GB, with

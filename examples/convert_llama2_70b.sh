@@ -4,8 +4,8 @@
 # optimizer; needs at least 32 GPUs (four 8-GPU nodes).
 #
 #   HF_DIR=/models/Llama-2-70b-hf DATA_ARGS=data/blend.txt bash examples/convert_llama2_70b.sh
-#   # SLURM, one task per node:
-#   HF_DIR=... DATA_ARGS=... srun --nodes=N --ntasks-per-node=1 bash examples/convert_llama2_70b.sh
+#   # SLURM, one task per GPU (SIGTERM reaches every rank: saves on preemption):
+#   HF_DIR=... DATA_ARGS=... srun --nodes=N --ntasks-per-node=8 --gpus-per-node=8 bash examples/convert_llama2_70b.sh
 #
 # Memory per GPU, 32 GPUs (TP 8 x PP 4, DP 1), bf16 with fp32 main weights, sequence 4096, MBS 1.
 # 69B params / 32 = 2.16B params per GPU:

@@ -4,8 +4,8 @@
 # optimizer; needs at least 2 GPUs (one 8-GPU node).
 #
 #   HF_DIR=/models/Llama-2-7b-hf DATA_ARGS=data/blend.txt bash examples/convert_llama2_7b.sh
-#   # SLURM, one task per node:
-#   HF_DIR=... DATA_ARGS=... srun --nodes=N --ntasks-per-node=1 bash examples/convert_llama2_7b.sh
+#   # SLURM, one task per GPU (SIGTERM reaches every rank: saves on preemption):
+#   HF_DIR=... DATA_ARGS=... srun --nodes=N --ntasks-per-node=8 --gpus-per-node=8 bash examples/convert_llama2_7b.sh
 #
 # Memory per GPU (TP 2, DP 4, bf16, distributed optimizer): 3.4B params/GPU -> 6.7 GB weights,
 # 13.5 GB fp32 grads, 10 GB optimizer shard; activations ~9 GB (32 layers x 4096 tokens, SP):

@@ -4,8 +4,8 @@
 # optimizer; needs at least 1 GPUs (one 8-GPU node).
 #
 #   HF_DIR=/models/MiniMA-2-3B DATA_ARGS=data/blend.txt bash examples/convert_minima_2_3b.sh
-#   # SLURM, one task per node:
-#   HF_DIR=... DATA_ARGS=... srun --nodes=N --ntasks-per-node=1 bash examples/convert_minima_2_3b.sh
+#   # SLURM, one task per GPU (SIGTERM reaches every rank: saves on preemption):
+#   HF_DIR=... DATA_ARGS=... srun --nodes=N --ntasks-per-node=8 --gpus-per-node=8 bash examples/convert_minima_2_3b.sh
 #
 # Memory per GPU (TP 1, DP 8, bf16, distributed optimizer): ~3B params -> 6 GB weights, 12 GB
 # fp32 grads, 36/DP = 4.5 GB optimizer; activations ~9 GB at MBS 2 x 4096 with fused attention:

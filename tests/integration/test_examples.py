@@ -66,3 +66,41 @@ def test_launcher_reads_slurm_and_refuses_a_layout_that_does_not_fit():
     assert proc.returncode == 0, proc.stderr
     assert "--node_rank 1" in proc.stdout and "--nnodes 2" in proc.stdout
     assert "convert_hf_to_megatron" not in proc.stdout  # only node 0 imports and exports
+
+
+def test_srun_one_task_per_gpu_runs_each_rank_directly_and_calibrates_for_a_target():
+    """Under srun (a task per GPU) SIGTERM reaches every rank: the trainer is started as the
+    rank itself, not under torchrun; with TARGET_COMPUTE the routers are calibrated."""
+    from megatron_mod.training.arguments import parse_args
+
+    slurm = dict(SLURM_NNODES="2", SLURM_NODEID="1", SLURM_NTASKS="16", MASTER_ADDR="n0")
+    proc = launcher_dry_run("convert_llama2_7b.sh", SLURM_PROCID="11", SLURM_LOCALID="3",
+                            **slurm)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (train,) = [shlex.split(line) for line in proc.stdout.splitlines() if "tools/" in line]
+    assert "torch.distributed.run" not in train
+    assert train[:6] == ["env", "RANK=11", "WORLD_SIZE=16", "LOCAL_RANK=3", "MASTER_ADDR=n0",
+                         "MASTER_PORT=29500"]  # fmt: skip
+    assert "--exit-signal-handler" in train
+
+    target = dict(TARGET_COMPUTE="0.85", CALIB_DATA="/data/calib.jsonl")
+    proc = launcher_dry_run("convert_llama2_7b.sh", SLURM_PROCID="0", SLURM_LOCALID="0",
+                            **target, **slurm)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    commands = [shlex.split(line) for line in proc.stdout.splitlines() if "tools/" in line]
+    assert [next(c for c in cmd if c.startswith("tools/")) for cmd in commands] == [
+        "tools/calibrate_routers.py", "tools/pretrain_mod.py", "tools/convert_megatron_to_hf.py"
+    ]  # fmt: skip
+    calibrate = _tool("calibrate_routers").parse_args(commands[0][2:])
+    assert (calibrate.target_compute, calibrate.tp, calibrate.data) == (
+        0.85,
+        2,
+        "/data/calib.jsonl",
+    )
+    train = commands[1]
+    args = parse_args(train[train.index("tools/pretrain_mod.py") + 1 :])
+    assert args.mod_target_compute == 0.85 and args.load == calibrate.out_dir
+
+    proc = launcher_dry_run("convert_llama2_7b.sh", SLURM_PROCID="0", LAUNCH="srun",
+                            SLURM_NNODES="2", SLURM_NTASKS="2", MASTER_ADDR="n0")  # fmt: skip
+    assert proc.returncode == 2 and "one task per GPU" in proc.stderr
