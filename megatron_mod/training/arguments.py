@@ -56,6 +56,8 @@ MEANING_CHANGING_ARGS = (
     "lr_decay_style",
     "weight_decay",
     "clip_grad",
+    "hidden_dropout",
+    "attention_dropout",
     *(f"mod_{f}" for f in OVERRIDABLE_MOD_FIELDS),
     "mod_target_compute",
     "mod_target_warmup_steps",
@@ -154,6 +156,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--transformer-impl",
         choices=("transformer_engine", "local"),
         help="layer implementation (default: transformer_engine when it imports, else local)",
+    )
+    g = p.add_argument_group("regularisation")
+    g.add_argument(
+        "--hidden-dropout",
+        type=float,
+        default=0.0,
+        help="dropout on each layer's attention and MLP outputs (LLaMA: 0; a resume restores "
+        "the RNG streams it draws from)",
+    )
+    g.add_argument(
+        "--attention-dropout",
+        type=float,
+        default=0.0,
+        help="dropout on the attention probabilities (LLaMA: 0)",
     )
     g = p.add_argument_group("activation recomputation (memory for large models)")
     g.add_argument(
@@ -273,6 +289,9 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1)")
     if args.distributed_timeout_minutes <= 0:
         parser.error("--distributed-timeout-minutes must be > 0")
     if args.mod_router_lr_mult <= 0:

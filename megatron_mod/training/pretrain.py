@@ -309,6 +309,10 @@ def _model_overrides(args: argparse.Namespace) -> dict:
     overrides = {"sequence_parallel": True} if args.sequence_parallel else {}
     if args.bf16:
         overrides["bf16"] = True
+    if args.hidden_dropout or args.attention_dropout:
+        overrides.update(
+            hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout
+        )
     if args.recompute_granularity:
         overrides.update(
             recompute_granularity=args.recompute_granularity,

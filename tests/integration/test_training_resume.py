@@ -251,6 +251,21 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(work, reference):
     _assert_exact(resumed, reference)
 
 
+def test_resume_with_dropout_restores_every_rng_stream(work, reference):
+    """With dropout every step draws from the RNGs (torch's and megatron's tracker): a resume
+    that did not restore them would continue with other masks and log other losses."""
+    flags = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--exit-signal-handler"]
+    _run(_command(work, "drop_ref", flags=flags), work / "drop_ref.json")
+    dropped = _steps(work / "drop_ref.json")
+    assert dropped[2]["lm_loss"] != reference[2]["lm_loss"]  # dropout is on
+    fault = ["--fault", "sigterm", "--fault-iter", "3", "--"]
+    _run(_command(work, "drop", flags=flags, script=FAULTS, fault=fault), work / "drop1.json")
+    _run(_command(work, "drop", flags=flags), work / "drop2.json")
+    resumed = _steps(work / "drop2.json")
+    assert sorted(resumed) == [4, 5, 6]
+    _assert_exact(resumed, dropped)
+
+
 def test_nan_stop_names_the_iteration(work):
     fault = ["--fault", "nan", "--fault-iter", "2", "--"]
     proc = _run(

@@ -171,6 +171,8 @@ for name, (export, source) in jobs["models"].items():
         tied=mod.lm_head.weight is mod.model.embed_tokens.weight,
         logits=float((a - b).abs()[real].max()),
         generate_equal=bool(torch.equal(ga, gb)),
+        inv_freq_equal=bool(torch.equal(mod.model.rotary_emb.inv_freq,
+                                        stock.model.rotary_emb.inv_freq)),
     )
 assert "megatron_mod" not in sys.modules
 print(json.dumps(out))
@@ -207,6 +209,9 @@ def test_export_round_trip_matches_the_stock_model_in_a_clean_process(families, 
         config = json.loads((export / "config.json").read_text())
         assert config["tie_word_embeddings"] == tied
         assert config["rope_theta"] == extra["rope_theta"]
+        if "rope_scaling" in extra:  # every llama3 factor as in the source, none swapped
+            for key in ("rope_type", "factor", *LLAMA3):
+                assert config["rope_scaling"][key] == extra["rope_scaling"][key], (name, key)
         with safe_open(export / "model.safetensors", framework="pt") as f:
             assert ("lm_head.weight" in f.keys()) != tied
         jobs[name] = (str(export), str(root / f"{name}_hf"))
@@ -230,6 +235,7 @@ def test_export_round_trip_matches_the_stock_model_in_a_clean_process(families, 
         assert result["tied"] == bool(hf.config.tie_word_embeddings), (name, result)
         assert result["logits"] <= 1e-4, (name, result)
         assert result["generate_equal"], (name, result)
+        assert result["inv_freq_equal"], (name, result)  # RoPE frequencies bit for bit
 
 
 @pytest.mark.slow
