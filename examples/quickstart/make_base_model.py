@@ -93,7 +93,8 @@ def pretrain_base(model, token_stream: torch.Tensor, steps: int, seq: int, batch
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))),
     )
     model.train()
-    bar = tqdm(range(steps), desc="pretrain base", unit="step")
+    # disable=None: no bar when stderr is not a terminal (a redirected log stays readable).
+    bar = tqdm(range(steps), desc="pretrain base", unit="step", disable=None)
     for _ in bar:
         starts = torch.randint(0, token_stream.numel() - seq - 1, (batch,), generator=gen)
         windows = torch.stack([token_stream[s : s + seq + 1] for s in starts.tolist()])
