@@ -750,6 +750,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target-compute", type=float, default=None,
                    help="override the profile's c_eff target (work dir and results get a "
                         "_cNNN suffix)")  # fmt: skip
+    p.add_argument("--alpha", type=float, default=None,
+                   help="override the load-loss coefficient of (a)/(f) (the alpha sweep of the "
+                        "fixed-alpha recipe; work dir and results get an _aX suffix)")  # fmt: skip
     p.add_argument(
         "--exit-duration-in-mins",
         type=float,
@@ -783,6 +786,12 @@ def main(argv=None) -> int:
             return 2
         budget = replace(budget, target_compute=args.target_compute)
         suffix = f"_c{round(args.target_compute * 100):03d}"
+    if args.alpha is not None:
+        if args.alpha < 0:
+            print("error: --alpha must be >= 0", file=sys.stderr)
+            return 2
+        budget = replace(budget, alpha=args.alpha)
+        suffix += f"_a{args.alpha:g}"
     if budget.device == "cuda":
         import torch
 
@@ -885,6 +894,7 @@ def _run(args, budget: Budget, work: Path, start: float) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else (
         work if args.budget == "tiny" else REPO / "benchmarks" / "results")  # fmt: skip
     suffix = "" if args.target_compute is None else f"_c{round(budget.target_compute * 100):03d}"
+    suffix += "" if args.alpha is None else f"_a{args.alpha:g}"
     stem = ("reproduce_tiny" if args.budget == "tiny" else "reproduce_smollm2") + suffix
     json_path = out_dir / f"{stem}_{device}.json"
     write_json_atomic(json_path, report)

@@ -661,7 +661,7 @@ class LlamaModModel(LlamaModPreTrainedModel):
             :class:`LlamaModModelOutput`.
         """
         config = self.config
-        return_dict = config.use_return_dict if return_dict is None else return_dict
+        return_dict = config.return_dict if return_dict is None else return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -850,7 +850,7 @@ class LlamaModForCausalLM(LlamaModPreTrainedModel, GenerationMixin):
         Returns:
             :class:`LlamaModCausalLMOutput`.
         """
-        return_dict = self.config.use_return_dict if return_dict is None else return_dict
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
