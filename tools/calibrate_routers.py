@@ -68,6 +68,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="fraction skipped when a layer's loss cost is probed (default: 0.5)",
     )
     p.add_argument(
+        "--allocation",
+        choices=("concentrated", "spread"),
+        default="concentrated",
+        help="concentrated: skip --max-skip of the tokens in the cheapest layers first "
+        "(measured better on SmolLM2); spread: share the skipping out as 1 / cost "
+        "(default: concentrated)",
+    )
+    p.add_argument(
         "--never-route",
         default="0,-1",
         help="comma list of layers never routed; negative counts from the end "
@@ -128,6 +136,7 @@ def main(argv=None) -> int:
             max_skip=args.max_skip,
             min_skip=args.min_skip,
             probe_skip=args.probe_skip,
+            allocation=args.allocation,
             never_route=args.never_route,
         )
         mod = MoDConfig.from_cli_args(args, base=MoDConfig(gate="straight_through"))

@@ -10,11 +10,14 @@ guess with measurements on a few thousand tokens of text, the base model frozen:
    update ``log(||f(h) - h|| / ||h||)`` of the token in that layer; a ridge regression from the
    router's own input (``h / rms(h)`` by default) predicts it. The held-out correlation between
    prediction and label is reported per layer.
-3. **Per-layer budgets for a requested c_eff.** Each candidate layer's loss increase when its
-   router skips ``probe_skip`` of the tokens is measured one layer at a time; with a convex cost
-   ``D_j * (s_j / probe_skip)^2`` the skipped fractions ``s_j`` that minimise the summed cost at
-   the requested compute are ``s_j = min(max_skip, mu / D_j)`` (water-filling). Layers whose
-   share would be under ``min_skip`` stay dense.
+3. **Per-layer budgets for a requested c_eff.** Each candidate layer's loss increase ``D_j``
+   when its router skips ``probe_skip`` of the tokens is measured one layer at a time. The
+   default (``concentrated``) skips ``max_skip`` of the tokens in the cheapest layers, in order
+   of ``D_j``, until the requested compute is reached; ``spread`` assumes a convex cost
+   ``D_j * (s_j / probe_skip)^2`` instead, whose minimiser shares the skipping out as
+   ``s_j = min(max_skip, mu / D_j)`` (water-filling). Measured on SmolLM2 at c_eff 0.85, before
+   any training: concentrated 3.48 nats held out, spread 3.98 (base 3.06); skipping in a few
+   layers costs less than a little skipping in many.
 4. **Thresholds for a starting c_eff.** Each router's bias is set so that the global threshold
    p keeps the layer's starting fraction of the calibration tokens; the budgets are stored as
    ``MoDConfig.layer_kept_targets``, which the trainer's compute target (``--mod-target-compute``)
@@ -50,9 +53,13 @@ __all__ = [
     "CalibrationPlan",
     "CalibrationSettings",
     "allocate_skips",
+    "concentrate_skips",
     "calibrate_hf_llama",
     "fit_ridge",
 ]
+
+
+ALLOCATIONS = ("concentrated", "spread")
 
 
 class CalibrationError(MegatronModError, ValueError):
@@ -78,6 +85,9 @@ class CalibrationSettings:
     probe_skip: float = 0.5
     """Fraction of tokens each candidate's fitted router skips when its loss cost is probed."""
 
+    allocation: str = "concentrated"
+    """`concentrated`: max_skip in the cheapest layers first; `spread`: s_j ~ 1 / cost_j."""
+
     never_route: tuple[int, ...] = (0, -1)
     """Layers never routed (negative counts from the end; default: the first and the last)."""
 
@@ -98,6 +108,7 @@ class CalibrationSettings:
             ("max_skip", 0.0 < self.max_skip < 1.0, "in (0, 1)"),
             ("min_skip", 0.0 <= self.min_skip <= self.max_skip, "in [0, max_skip]"),
             ("probe_skip", 0.0 < self.probe_skip < 1.0, "in (0, 1)"),
+            ("allocation", self.allocation in ALLOCATIONS, " | ".join(ALLOCATIONS)),
             ("ridge", self.ridge > 0.0, "> 0"),
             ("logit_scale", self.logit_scale > 0.0, "> 0"),
             ("holdout_fraction", 0.0 < self.holdout_fraction < 1.0, "in (0, 1)"),
@@ -185,6 +196,40 @@ def fit_ridge(
     return solution[:dim], float(solution[dim])
 
 
+def concentrate_skips(
+    costs: dict[int, float], total_skip: float, max_skip: float, min_skip: float
+) -> dict[int, float]:
+    """``max_skip`` in the cheapest layers first (ties: the later layer) until ``total_skip``.
+
+    The last layer takes the remainder; a remainder under ``min_skip`` is dropped (the plan
+    then computes slightly more than asked rather than route a layer for almost nothing).
+
+    Raises:
+        CalibrationError: the candidates cannot skip ``total_skip`` under ``max_skip``.
+    """
+    _check_feasible(len(costs), total_skip, max_skip)
+    out: dict[int, float] = {}
+    left = total_skip
+    for j in sorted(costs, key=lambda j: (costs[j], -j)):
+        if left <= 1e-12:
+            break
+        share = min(max_skip, left)
+        if share >= min_skip:
+            out[j] = share
+        left -= share
+    return out
+
+
+def _check_feasible(candidates: int, total_skip: float, max_skip: float) -> None:
+    if candidates * max_skip < total_skip - 1e-9:
+        raise CalibrationError(
+            f"the requested compute needs {total_skip:.3f} layer-equivalents skipped, but "
+            f"{candidates} candidate layers at --max-skip {max_skip} skip at most "
+            f"{candidates * max_skip:.3f}: raise --max-skip or --target-compute, or allow "
+            f"more layers (--never-route)"
+        )
+
+
 def allocate_skips(
     costs: dict[int, float],
     total_skip: float,
@@ -212,13 +257,7 @@ def allocate_skips(
     if total_skip <= 0:
         return {}
     active = {j: max(c, 1e-9) for j, c in costs.items()}
-    if len(active) * max_skip < total_skip - 1e-9:
-        raise CalibrationError(
-            f"the requested compute needs {total_skip:.3f} layer-equivalents skipped, but "
-            f"{len(active)} candidate layers at --max-skip {max_skip} skip at most "
-            f"{len(active) * max_skip:.3f}: raise --max-skip or --target-compute, or allow "
-            f"more layers (--never-route)"
-        )
+    _check_feasible(len(active), total_skip, max_skip)
     while True:
 
         def shares(mu: float) -> dict[int, float]:
@@ -668,14 +707,15 @@ class _Calibrator:
     # -- 4: budgets
 
     def choose_budgets(self) -> None:
-        """Per-layer kept fractions at the target and at the start (water-filling)."""
+        """Per-layer kept fractions at the target and at the start."""
         s = self.settings
         costs = {j: max(self.probe_increase[j], 0.0) / s.probe_skip**2 for j in self.candidates}
         # A layer whose probe did not raise the loss is nearly free, not free: a tiny cost.
         floor = max(max(costs.values()) * 1e-3, 1e-9)
         costs = {j: max(c, floor) for j, c in costs.items()}
         total_skip = self.num_layers * (1.0 - s.target_compute)
-        skips = allocate_skips(costs, total_skip, s.max_skip, s.min_skip)
+        allocate = concentrate_skips if s.allocation == "concentrated" else allocate_skips
+        skips = allocate(costs, total_skip, s.max_skip, s.min_skip)
         routed = sorted(skips) if skips else self.candidates[:1]
         self.kept_targets = {j: 1.0 - skips.get(j, 0.0) for j in routed}
         ratio = (1.0 - s.start_compute) / max(1.0 - s.target_compute, 1e-12)

@@ -26,6 +26,7 @@ from megatron_mod.hf.calibrate import (  # noqa: E402
     CalibrationSettings,
     allocate_skips,
     calibrate_hf_llama,
+    concentrate_skips,
     fit_ridge,
 )
 
@@ -48,6 +49,15 @@ def test_allocate_skips_caps_and_drops_small_shares():
     assert skips[2] == pytest.approx(0.25) and skips[3] == pytest.approx(0.25)
     assert 4 not in skips  # its share (~0.0005) is under min_skip: the layer stays dense
     assert sum(skips.values()) == pytest.approx(1.0)
+
+
+def test_concentrate_skips_fills_the_cheapest_layers_first():
+    skips = concentrate_skips({1: 3.0, 2: 1.0, 3: 2.0, 4: 0.5}, 1.7, max_skip=0.75, min_skip=0.1)
+    assert skips == {4: 0.75, 2: 0.75, 3: pytest.approx(0.2)}
+    # A remainder below min_skip is not worth a router: the plan computes a little more.
+    assert concentrate_skips({1: 1.0, 2: 2.0}, 0.78, max_skip=0.75, min_skip=0.05) == {1: 0.75}
+    with pytest.raises(CalibrationError, match="--max-skip"):
+        concentrate_skips({1: 1.0}, 0.9, max_skip=0.75, min_skip=0.0)
 
 
 def test_allocate_skips_refuses_an_impossible_target():
@@ -139,6 +149,10 @@ def test_calibrated_checkpoint_starts_at_its_start_compute_and_records_the_plan(
     skipped = sum(1.0 - plan.layer_kept_targets[j] for j in plan.routed_layers)
     assert (num_layers - skipped) / num_layers == pytest.approx(0.8, abs=1e-6)
     assert all(0.25 - 1e-9 <= k <= 0.95 + 1e-9 for k in plan.layer_kept_targets.values())
+    # Concentrated: every routed layer but the last one filled skips max_skip (0.75).
+    assert sorted(plan.layer_kept_targets.values())[:-1] == pytest.approx(
+        [0.25] * (len(plan.routed_layers) - 1)
+    )
     assert plan.c_eff_measured == pytest.approx(0.8, abs=0.06)  # 96 held-out tokens
     for key in ("base", "plan", "plan_first_token_routable", "random_routing", "layer_removal"):
         assert math.isfinite(plan.losses[key])
