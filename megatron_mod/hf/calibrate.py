@@ -47,6 +47,7 @@ import torch
 
 from megatron_mod.config import MoDConfig
 from megatron_mod.errors import MegatronModError
+from megatron_mod.router import gate_threshold_logit
 
 __all__ = [
     "CalibrationError",
@@ -294,14 +295,6 @@ def _cut(values: torch.Tensor, skip: float) -> float:
     if k == n:
         return float(ordered[-1]) + 1.0
     return 0.5 * (float(ordered[k - 1]) + float(ordered[k]))
-
-
-def _threshold_logit(p: float) -> float:
-    if p <= 0.0:
-        return -math.inf
-    if p >= 1.0:
-        return math.inf
-    return math.log(p) - math.log1p(-p)
 
 
 # --------------------------------------------------------------------------- the model
@@ -803,7 +796,7 @@ class _Calibrator:
         The global threshold p then keeps each layer's starting fraction; ``logit_scale`` sets
         how far (in logits) one standard deviation of the predicted label moves a token.
         """
-        p_logit = _threshold_logit(self.mod.threshold)
+        p_logit = gate_threshold_logit(self.mod.threshold)
         out = {}
         for j in self.kept_targets:
             w, b = self.routers[j]
@@ -835,9 +828,3 @@ def _removal_layers(
     n_remove = max(0, min(len(candidates), round((1.0 - c_eff) * num_layers)))
     order = sorted(candidates, key=lambda j: (block_influence[j], -j))
     return sorted(order[:n_remove])
-
-
-def _progress(iterable, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, unit="layer", disable=not enabled, leave=False)
