@@ -120,5 +120,10 @@ def test_target_compute_on_smollm2_at_its_learning_rate(converted_smollm2):
     for layer in kept[0]:
         series = [k[layer] for k in kept]
         assert min(series) >= FLOOR - 0.03, (layer, min(series))
-        drops = [series[i] - min(series[i : i + 6]) for i in range(len(series) - 1)]
+        # One step's kept fraction, measured on 1,024 tokens, varies by about +-0.15 with the
+        # batch while a layer ramps 0.3 in 10 steps; a cliff (the failure this guards against:
+        # > 0.9 to < 0.1 in two steps) is a sustained fall, which a 3-step mean still shows.
+        smooth = [sum(series[max(0, i - 2) : i + 1]) / len(series[max(0, i - 2) : i + 1])
+                  for i in range(len(series))]  # fmt: skip
+        drops = [smooth[i] - min(smooth[i : i + 6]) for i in range(len(smooth) - 1)]
         assert max(drops) <= 0.3, (layer, max(drops), series)
