@@ -61,16 +61,24 @@ def test_reproduce_tiny_runs_every_variant_and_resumes(tmp_path):
     report = json.loads(report_path.read_text())
     assert report_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = {r["name"]: r for r in report["variants"]}
-    names = ["base", "a_modification", "b_topk", "c_shortgpt", "d_routers_only", "e_dense",
-             "f_fixed_alpha"]  # fmt: skip
+    names = ["base", "a_modification", "g_calibrated", "b_topk", "c_shortgpt",
+             "d_routers_only", "e_dense", "f_fixed_alpha"]  # fmt: skip
     assert list(rows) == names
     layers = report["data"]["base_layers"]
     assert layers == 4
 
     # Same budget for every trained variant.
     budget = report["budget_settings"]
-    for name in ("a_modification", "b_topk", "c_shortgpt", "e_dense", "f_fixed_alpha"):
+    for name in ("a_modification", "g_calibrated", "b_topk", "c_shortgpt", "e_dense",
+                 "f_fixed_alpha"):  # fmt: skip
         assert rows[name]["train"]["last_iteration"] == budget["train_iters"], name
+    # (g): routers, routed layers and budgets from the calibration, steered by the target.
+    g = rows["g_calibrated"]["settings"]
+    assert g["routed_layers"] == sorted(
+        int(k) for k in rows["g_calibrated"]["kept_per_routed_layer"]
+    )
+    assert g["target_compute"] == budget["target_compute"] and g["gate"] == "straight_through"
+    assert set(g["calibration_losses"]) >= {"base", "plan", "random_routing", "layer_removal"}
     # (f) is the method's defaults: scale gate, default bias, the configured alpha, no target.
     f = rows["f_fixed_alpha"]["settings"]
     assert (f["gate"], f["router_init_bias"]) == ("scale", 2.0)
@@ -120,7 +128,7 @@ def test_reproduce_tiny_runs_every_variant_and_resumes(tmp_path):
     (work / "variants" / "e_dense" / "result.json").unlink()
     sliced = _run(work, "--exit-duration-in-mins", "0.0001")
     assert sliced.returncode == 3, sliced.stdout[-3000:] + sliced.stderr[-3000:]
-    for name in ("base", "a_modification", "b_topk", "c_shortgpt"):
+    for name in ("base", "a_modification", "g_calibrated", "b_topk", "c_shortgpt"):
         assert f"== {name}: done before, skipped" in sliced.stdout
     assert "re-run the same command to continue" in sliced.stderr
     assert not (work / "variants" / "e_dense" / "result.json").exists()
