@@ -462,8 +462,11 @@ def test_evaluate_reproduces_the_trainers_validation(work, evaluated):
     assert {int(k): v for k, v in got["kept_fraction"].items()} == {
         int(k): v for k, v in trained["kept_fraction_after"].items()
     }
-    strict = _evaluate(work, "eval_p07", ["--mod-threshold", "0.7"])
-    assert strict["mod"]["threshold"] == 0.7
+    # One threshold above every layer's trained one keeps fewer tokens in every layer.
+    trained_p = list(got["mod"]["layer_thresholds"].values()) or [got["mod"]["threshold"]]
+    p = round(max(trained_p) + (1.0 - max(trained_p)) / 2, 6)
+    strict = _evaluate(work, "eval_strict", ["--mod-threshold", str(p)])
+    assert strict["mod"]["threshold"] == p and strict["mod"]["layer_thresholds"] == {}
     assert strict["c_eff"] < got["c_eff"] and strict["lm_loss"] > got["lm_loss"]
 
 
