@@ -64,6 +64,9 @@ class MoDConfig:
     keep_first_token: bool = True
     """Threshold routing never skips a sequence's first token (position 0, the attention sink)."""
 
+    skipped_kv: bool = False
+    """Skipped tokens still run the K/V projections and write K/V, so kept tokens attend to them."""
+
     layer_thresholds: dict[int, float] = field(default_factory=dict)
     """Per-layer gate thresholds p_j over `threshold` (set by the compute-target controller)."""
 
@@ -98,6 +101,8 @@ class MoDConfig:
             _fail("router_input", self.router_input, " | ".join(ROUTER_INPUT_CHOICES))
         if not isinstance(self.keep_first_token, bool):
             _fail("keep_first_token", self.keep_first_token, "True | False")
+        if not isinstance(self.skipped_kv, bool):
+            _fail("skipped_kv", self.skipped_kv, "True | False")
         for name in ("layer_thresholds", "layer_kept_targets"):
             for layer, value in getattr(self, name).items():
                 if (
@@ -276,6 +281,7 @@ _CLI_TYPES = {
     "topk_decode_threshold": float,
     "routed_layers": str,
     "keep_first_token": _parse_bool,
+    "skipped_kv": _parse_bool,
 }
 
 

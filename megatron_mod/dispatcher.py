@@ -110,6 +110,36 @@ class MoDTokenDispatcher:
         )
         return (compact | causal)[:, None]
 
+    def compact_query_mask(
+        self, attention_mask: torch.Tensor | None, state: DispatchState, seq_len: int
+    ) -> torch.Tensor:
+        """Mask of compact queries against every token's key (``skipped_kv`` layers).
+
+        Compact slot ``i`` of sequence ``b`` (original position ``index[i, b]``) may see the
+        keys at positions ``<= index[i, b]``, restricted by ``attention_mask`` when given.
+        Padded slots sit at a real (skipped) position, so no row is fully masked.
+
+        Args:
+            attention_mask: [b or 1, 1, s, s] bool (True = masked) or None.
+            state: from :meth:`dispatch`.
+            seq_len: the number of keys ``s``.
+
+        Returns:
+            [b, 1, s_c, s] bool, True = masked.
+        """
+        query_pos = state.index.t()[:, :, None]  # [b, s_c, 1]
+        key_pos = torch.arange(seq_len, device=query_pos.device)[None, None, :]
+        mask = key_pos > query_pos
+        if attention_mask is not None:
+            if attention_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"MoD layers expect megatron's boolean attention mask (True = masked), got "
+                    f"dtype {attention_mask.dtype}"
+                )
+            rows = attention_mask[:, 0].expand(query_pos.shape[0], -1, -1)
+            mask = mask | rows.gather(1, query_pos.expand(-1, -1, seq_len))
+        return mask[:, None]
+
     def compact_rotary(self, rotary_pos_emb, state: DispatchState):
         """RoPE frequencies at each compact token's ORIGINAL position: [s_c, b, 1, d].
 

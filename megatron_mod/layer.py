@@ -11,6 +11,10 @@ the HF mapping needs no special case. Forward (docs/design.md, "The routed layer
    re-shard it under SP;
 4. run attention + MLP on the compact batch only (causal among kept tokens);
 5. gate, scatter back into the residual stream, re-shard; attach the load-reducing loss.
+
+With ``MoDConfig.skipped_kv`` step 4 changes: the QKV projection runs on every token, so skipped
+tokens still write K/V and each kept token attends to every earlier token (kept or skipped); the
+queries, attention, output projection and MLP still run on the kept tokens only.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import math
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_rotary_pos_emb
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.utils import make_viewless_tensor
@@ -151,7 +157,13 @@ class MoDTransformerLayer(TransformerLayer):
         )
         for key in ("rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin"):
             layer_kwargs.pop(key, None)
-        layer_output, context = super().forward(hidden_states=layer_input, **layer_kwargs)
+        if self.mod_config.skipped_kv:
+            layer_output = self._forward_with_skipped_kv(
+                hidden_states, layer_input, state, attention_mask, kwargs.get("rotary_pos_emb")
+            )
+            context = kwargs.get("context")
+        else:
+            layer_output, context = super().forward(hidden_states=layer_input, **layer_kwargs)
         if sequence_parallel:
             output = self.sp_exchange.combine(
                 hidden_states, layer_output, decision.gates, plan, self.mod_config.gate, group
@@ -168,6 +180,56 @@ class MoDTransformerLayer(TransformerLayer):
             inp=output, requires_grad=output.requires_grad, keep_graph=True
         )
         return output, context
+
+    def _forward_with_skipped_kv(
+        self,
+        hidden_states: torch.Tensor,
+        layer_input: torch.Tensor,
+        state,
+        attention_mask: torch.Tensor | None,
+        rotary_pos_emb,
+    ) -> torch.Tensor:
+        """Attention + MLP for the kept tokens, with keys and values from every token.
+
+        megatron-core's ``SelfAttention`` takes its queries and keys from one tensor, so its
+        pieces are called directly: ``linear_qkv`` (with TP, SP and Transformer Engine's fused
+        norm as configured) on the full sequence, queries gathered at the kept tokens, RoPE at
+        original positions, ``core_attention`` with an explicit [b, 1, s_c, s] mask, then the
+        dense layer's own bias-dropout-add and MLP on the compact batch. The Q part of the fused
+        QKV projection is also computed for skipped tokens and discarded (megatron's fused
+        ``linear_qkv`` has no K/V-only slice); the HF export computes K/V alone for them.
+
+        Args:
+            hidden_states: [s, b, h] layer input ([s/tp, b, h] under SP).
+            layer_input: the compact batch from dispatch ([s_c, b, h], SP-sharded under SP).
+            state: the global compact layout (index, valid).
+            attention_mask: megatron's boolean [b or 1, 1, s, s] mask (True = masked) or None.
+            rotary_pos_emb: [s, 1, 1, d] RoPE frequencies (or a (q, k) pair), or None.
+
+        Returns:
+            The compact layer output, shaped like ``layer_input``.
+        """
+        attention = self.self_attention
+        kv_input = self.input_layernorm(hidden_states)
+        query, key, value = attention.get_query_key_value_tensors(kv_input)
+        query = query.gather(0, state.index[:, :, None, None].expand(-1, -1, *query.shape[2:]))
+        if rotary_pos_emb is not None:
+            q_freqs, k_freqs = (
+                rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+            )
+            compact_freqs = self.dispatcher.compact_rotary(q_freqs, state)
+            query = apply_rotary_pos_emb(query, compact_freqs, config=attention.config)
+            key = apply_rotary_pos_emb(key, k_freqs, config=attention.config)
+        mask = self.dispatcher.compact_query_mask(attention_mask, state, key.shape[0])
+        core = attention.core_attention(
+            query, key, value, mask, attn_mask_type=AttnMaskType.arbitrary
+        )
+        attention_output_with_bias = attention.linear_proj(core)
+        with self.bias_dropout_add_exec_handler():
+            hidden = self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(
+                attention_output_with_bias, layer_input, self.hidden_dropout
+            )
+        return self._forward_mlp(hidden)
 
     def _tp_group(self):
         """The tensor-parallel group: from the layer's pg_collection, else megatron's state."""

@@ -14,6 +14,7 @@ import importlib.util
 
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import (
@@ -98,11 +99,22 @@ def get_dense_layer_spec(use_transformer_engine: bool | None = None) -> ModuleSp
 def get_mod_layer_spec(
     mod_config: MoDConfig, use_transformer_engine: bool | None = None
 ) -> ModuleSpec:
-    """The dense layer spec with the layer class swapped for the routed MoD layer."""
+    """The dense layer spec with the layer class swapped for the routed MoD layer.
+
+    With ``mod_config.skipped_kv`` the layer's compact queries attend to every token's keys
+    (``s_c != s``) under an explicit mask, so its attention is built for an ``arbitrary`` mask:
+    the causal kernels (megatron's fused upper-triangular softmax, TE's causal flash path) assume
+    square, aligned attention.
+    """
     dense = get_dense_layer_spec(use_transformer_engine)
     params = dict(dense.params or {})
     params["mod_config"] = mod_config
-    return ModuleSpec(module=MoDTransformerLayer, submodules=dense.submodules, params=params)
+    submodules = dense.submodules
+    if mod_config.skipped_kv:
+        submodules = copy.deepcopy(submodules)
+        attention = submodules.self_attention
+        attention.params = {**(attention.params or {}), "attn_mask_type": AttnMaskType.arbitrary}
+    return ModuleSpec(module=MoDTransformerLayer, submodules=submodules, params=params)
 
 
 def _final_norm(use_transformer_engine: bool):

@@ -33,6 +33,7 @@ OVERRIDABLE_MOD_FIELDS = (
     "load_loss_coeff",
     "compact_length_multiple",
     "keep_first_token",
+    "skipped_kv",
 )
 
 # Resolved arguments a resumed run must share with the saved run: the model, the data and its

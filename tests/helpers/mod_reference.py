@@ -71,12 +71,24 @@ def router_logits_reference(layer, hidden):
 
 
 def mod_layer_reference(
-    layer, hidden, rotary_base, threshold, gate_mode, keep=None, attention_mask=None
+    layer,
+    hidden,
+    rotary_base,
+    threshold,
+    gate_mode,
+    keep=None,
+    attention_mask=None,
+    skipped_kv=False,
 ):
     """Reference forward of a routed layer on hidden [s, b, h] -> ([s, b, h], keep [s, b]).
 
     ``attention_mask``: optional megatron mask [b, 1, s, s] (True = masked), restricted to each
     sequence's kept tokens.
+
+    ``skipped_kv``: skipped tokens still provide keys and values. A token's K/V in a layer
+    depend only on its own input, so this is the dense layer on the whole sequence with the
+    skipped tokens' outputs then discarded (the definition; the layer under test computes it
+    without the skipped tokens' queries, attention output or MLP).
     """
     logits = router_logits_reference(layer, hidden)
     gates = torch.sigmoid(logits)
@@ -90,10 +102,15 @@ def mod_layer_reference(
         if idx.numel() == 0:
             continue
         h_kept = hidden[idx, col]
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask[col, 0][idx][:, idx]
-        y = dense_layer_on_tokens(layer, h_kept, idx, rotary_base, mask)
+        if skipped_kv:
+            everything = torch.arange(hidden.shape[0], device=hidden.device)
+            mask = None if attention_mask is None else attention_mask[col, 0]
+            y = dense_layer_on_tokens(layer, hidden[:, col], everything, rotary_base, mask)[idx]
+        else:
+            mask = None
+            if attention_mask is not None:
+                mask = attention_mask[col, 0][idx][:, idx]
+            y = dense_layer_on_tokens(layer, h_kept, idx, rotary_base, mask)
         g = gates[idx, col][:, None].to(hidden.dtype)
         if gate_mode == "scale":
             out[idx, col] = h_kept + g * (y - h_kept)

@@ -251,3 +251,127 @@ def test_sequence_parallel_gathers_logits_over_the_layers_own_tp_group(mcore, mo
     with torch.no_grad():
         layer(hidden, attention_mask=None, rotary_pos_emb=rope)
     assert seen and all(group is own_group for group in seen)
+
+
+# ------------------------------------------------------------------------------ skipped_kv
+
+
+@pytest.mark.parametrize("gate", ["scale", "straight_through"])
+def test_skipped_kv_layer_matches_dense_layer_with_skipped_outputs_discarded(mcore, gate):
+    """Kept tokens attend to every earlier token's K/V, skipped tokens pass through unchanged."""
+    from megatron_mod.config import MoDConfig
+
+    seq, batch = 20, 3
+    mod_config = MoDConfig(gate=gate, routed_layers="all", skipped_kv=True)
+    layer, rope, _ = layer_and_rope(mod_config, seq)
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 1.0)
+        layer.router.bias.zero_()
+    hidden = torch.randn(seq, batch, layer.config.hidden_size, device=DEVICE)
+    with torch.no_grad():
+        out, _ = layer(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
+        ref, keep = mod_layer_reference(layer, hidden, 10000, 0.5, gate, skipped_kv=True)
+        kept_only, _ = mod_layer_reference(layer, hidden, 10000, 0.5, gate)
+    counts = keep.sum(0)
+    assert counts.min() < seq - 1 and len(set(counts.tolist())) > 1
+    assert torch.equal(layer.last_keep, keep)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[~keep], hidden[~keep])
+    # The two K/V modes differ: seeing the skipped tokens changes the kept tokens' outputs.
+    assert (out - kept_only)[keep].abs().max() > 1e-3
+
+
+def test_skipped_kv_layer_with_document_mask(mcore):
+    from megatron_mod.config import MoDConfig
+
+    seq, batch = 16, 2
+    layer, rope, _ = layer_and_rope(MoDConfig(routed_layers="all", skipped_kv=True), seq)
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 1.0)
+        layer.router.bias.zero_()
+    hidden = torch.randn(seq, batch, layer.config.hidden_size, device=DEVICE)
+    # Two documents per sequence, split at different places: block-diagonal causal masks.
+    mask = torch.ones(batch, 1, seq, seq, dtype=torch.bool, device=DEVICE)
+    for col, split in enumerate((6, 11)):
+        for start, end in ((0, split), (split, seq)):
+            mask[col, 0, start:end, start:end] = torch.ones(
+                end - start, end - start, dtype=torch.bool, device=DEVICE
+            ).triu(1)
+    with torch.no_grad():
+        out, _ = layer(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rope)
+        ref, _ = mod_layer_reference(
+            layer, hidden, 10000, 0.5, "scale", attention_mask=mask, skipped_kv=True
+        )
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_skipped_kv_layer_degenerate_routing(mcore):
+    """Nothing kept: the identity; everything kept: the dense layer (gated)."""
+    from megatron_mod.config import MoDConfig
+
+    seq, batch = 12, 2
+    layer, rope, config = layer_and_rope(
+        MoDConfig(routed_layers="all", keep_first_token=False, skipped_kv=True), seq
+    )
+    hidden = torch.randn(seq, batch, config.hidden_size, device=DEVICE)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.bias.fill_(-5.0)
+        out, _ = layer(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
+        assert torch.equal(out, hidden)
+        layer.router.bias.fill_(5.0)
+        out, _ = layer(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
+        ref, keep = mod_layer_reference(layer, hidden, 10000, 0.5, "scale")
+    assert bool(keep.all())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_skipped_kv_layer_runs_queries_output_projection_and_mlp_on_kept_tokens_only(mcore):
+    from megatron_mod.config import MoDConfig
+
+    seq, batch = 32, 2
+    layer, rope, config = layer_and_rope(
+        MoDConfig(
+            routing="topk", capacity=0.25, routed_layers="all", compact_length_multiple=1,
+            skipped_kv=True,
+        ),
+        seq,
+    )  # fmt: skip
+    seen = {}
+    for name, module in (
+        ("qkv", layer.self_attention.linear_qkv),
+        ("core_attention", layer.self_attention.core_attention),
+        ("proj", layer.self_attention.linear_proj),
+        ("mlp", layer.mlp),
+    ):
+        module.register_forward_hook(
+            lambda m, args, out, name=name: seen.setdefault(name, []).append(
+                [tuple(a.shape[:1]) for a in args[:3]]
+            )
+        )
+    with torch.no_grad():
+        layer(
+            hidden_states=torch.randn(seq, batch, config.hidden_size, device=DEVICE),
+            rotary_pos_emb=rope,
+        )
+    assert seen["qkv"] == [[(seq,)]]  # K/V (and Q) projections on every token
+    assert seen["core_attention"] == [[(8,), (seq,), (seq,)]]  # 8 queries, every key and value
+    assert seen["proj"] == [[(8,)]] and seen["mlp"] == [[(8,)]]
+
+
+def test_skipped_kv_layer_trains_every_parameter(mcore):
+    from megatron_mod.config import MoDConfig
+
+    seq, batch = 10, 2
+    layer, rope, config = layer_and_rope(
+        MoDConfig(routed_layers="all", skipped_kv=True, router_init_std=1.0), seq
+    )
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 1.0)
+        layer.router.bias.zero_()
+    hidden = torch.randn(seq, batch, config.hidden_size, device=DEVICE)
+    out, _ = layer(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
+    assert 0 < int(layer.last_keep.sum()) < seq * batch
+    out.pow(2).sum().backward()
+    for name, param in layer.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
