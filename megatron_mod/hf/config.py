@@ -61,7 +61,7 @@ _MODEL_KEYS = {
     "attention_qkv_bias",
     "mod_routing", "mod_threshold", "mod_capacity", "mod_gate", "mod_routed_layers",
     "mod_topk_decode_threshold", "mod_router_input", "mod_keep_first_token",
-    "mod_layer_thresholds",
+    "mod_layer_thresholds", "mod_skipped_kv",
 }  # fmt: skip
 # Keys that never change a causal LM's forward pass (ids, dtypes, bookkeeping, training-only
 # dropout, HF's pretraining_tp which only splits the same matmuls).
@@ -207,6 +207,7 @@ def source_mod_config(hf_config: dict[str, Any]) -> dict[str, Any] | None:
     # An export without these keys predates them: raw-h routers, first token routable.
     out["router_input"] = hf_config.get("mod_router_input", "hidden")
     out["keep_first_token"] = bool(hf_config.get("mod_keep_first_token", False))
+    out["skipped_kv"] = bool(hf_config.get("mod_skipped_kv", False))
     thresholds = hf_config.get("mod_layer_thresholds") or {}
     if thresholds:
         out["layer_thresholds"] = {int(k): float(v) for k, v in thresholds.items()}
@@ -381,6 +382,7 @@ def hf_config_dict(
             mod_routed_layers=mod.routed_layer_indices(dims.num_layers),
             mod_router_input=mod.router_input,
             mod_keep_first_token=mod.keep_first_token,
+            mod_skipped_kv=mod.skipped_kv,
             mod_layer_thresholds={str(k): v for k, v in sorted(mod.layer_thresholds.items())},
         )
         if mod.topk_decode_threshold is not None:

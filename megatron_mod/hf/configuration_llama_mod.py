@@ -56,6 +56,9 @@ class LlamaModConfig(LlamaConfig):
             (raw ``h``; exports written before the option existed).
         mod_keep_first_token: threshold routing always keeps the token at position 0 (the
             attention sink) in every routed layer.
+        mod_skipped_kv: in routed layers, skipped tokens still run the K/V projections and
+            are stored in the cache, so kept tokens attend to every earlier token; queries,
+            attention, the output projection and the MLP still run on kept tokens only.
         mod_layer_thresholds: per-layer thresholds ``{"layer": p}`` replacing ``mod_threshold``
             in those layers (set by training with a compute target); ``set_mod_threshold``
             clears them.
@@ -77,6 +80,7 @@ class LlamaModConfig(LlamaConfig):
         mod_topk_decode_threshold: float | None = None,
         mod_router_input: str = "hidden",
         mod_keep_first_token: bool = False,
+        mod_skipped_kv: bool = False,
         mod_layer_thresholds: dict | None = None,
         attention_qkv_bias: bool = False,
         **kwargs,
@@ -96,6 +100,7 @@ class LlamaModConfig(LlamaConfig):
         self.mod_topk_decode_threshold = mod_topk_decode_threshold
         self.mod_router_input = mod_router_input
         self.mod_keep_first_token = mod_keep_first_token
+        self.mod_skipped_kv = mod_skipped_kv
         self.mod_layer_thresholds = dict(mod_layer_thresholds or {})
         super().__init__(**kwargs)
         self.validate_mod()
@@ -125,6 +130,8 @@ class LlamaModConfig(LlamaConfig):
             raise _bad("mod_router_input", self.mod_router_input, " | ".join(ROUTER_INPUT_CHOICES))
         if not isinstance(self.mod_keep_first_token, bool):
             raise _bad("mod_keep_first_token", self.mod_keep_first_token, "true | false")
+        if not isinstance(self.mod_skipped_kv, bool):
+            raise _bad("mod_skipped_kv", self.mod_skipped_kv, "true | false")
         thresholds = {}
         for key, value in (self.mod_layer_thresholds or {}).items():
             try:

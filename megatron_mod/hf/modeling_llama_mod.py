@@ -281,11 +281,47 @@ class LlamaModCache:
             that is plain causal attention over the returned keys (empty cache, or one new token
             per sequence and equal stored lengths), so the caller can use the faster kernel.
         """
+        m = key.shape[2]
+        before = self.host_lengths[layer_idx] or [0] * key.shape[0]
+        shortest, longest = min(before, default=0), max(before, default=0)
+        lengths = self.lengths[layer_idx]
+        keys, values, _, _ = self.append(layer_idx, key, value, positions, valid, counts)
+        if longest == 0:
+            return key, value, None
+        if m == 1 and shortest == longest:
+            return keys, values, None
+        needed = keys.shape[2]
+        arange_k = torch.arange(needed, device=key.device)
+        arange_q = torch.arange(m, device=key.device)
+        # Query i sees slots [0, len + i]: its sequence's cached tokens, then new tokens 0..i.
+        limit = lengths[:, None] + arange_q[None, :] + 1
+        mask = arange_k[None, None, :] < limit[:, :, None]
+        return keys, values, mask[:, None]
+
+    def append(
+        self,
+        layer_idx: int,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor,
+        counts: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append a layer's new tokens; return everything it holds, for a mask built by position.
+
+        No host synchronisation: sizes come from ``counts`` and the host copy of the lengths.
+
+        Args: as :meth:`update`.
+
+        Returns:
+            ``(keys, values, positions, lengths)``: ``[b, kv_heads, L, d]`` twice, ``[b, L]``
+            position ids and ``[b]`` valid entries per sequence; slots past a sequence's length
+            hold finite leftovers that a mask must exclude.
+        """
         batch, heads, m, head_dim = key.shape
         before = self.host_lengths[layer_idx] or [0] * batch
-        shortest, longest = min(before, default=0), max(before, default=0)
         # Room for every compact slot, padding included, so padded query rows index real memory.
-        needed = longest + m
+        needed = max(before, default=0) + m
         self._ensure_capacity(layer_idx, key, needed)
         lengths = self.lengths[layer_idx]
         # Every compact slot is written, padding included: a padded slot lands past its
@@ -298,18 +334,12 @@ class LlamaModCache:
         self.positions[layer_idx].scatter_(1, slots, positions)
         self.lengths[layer_idx] = lengths + valid.sum(dim=1)
         self.host_lengths[layer_idx] = [b + c for b, c in zip(before, counts)]
-        if longest == 0:
-            return key, value, None
-        keys = self.keys[layer_idx][:, :, :needed]
-        values = self.values[layer_idx][:, :, :needed]
-        if m == 1 and shortest == longest:
-            return keys, values, None
-        arange_k = torch.arange(needed, device=key.device)
-        arange_q = torch.arange(m, device=key.device)
-        # Query i sees slots [0, len + i]: its sequence's cached tokens, then new tokens 0..i.
-        limit = lengths[:, None] + arange_q[None, :] + 1
-        mask = arange_k[None, None, :] < limit[:, :, None]
-        return keys, values, mask[:, None]
+        return (
+            self.keys[layer_idx][:, :, :needed],
+            self.values[layer_idx][:, :, :needed],
+            self.positions[layer_idx][:, :needed],
+            self.lengths[layer_idx],
+        )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select/reorder sequences (beam search)."""
@@ -393,6 +423,7 @@ class LlamaModDecoderLayer(LlamaDecoderLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         gate_mode: str,
         cache: Optional[LlamaModCache] = None,
+        store: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Run the layer on the ``keep`` tokens of each sequence and combine.
 
@@ -404,15 +435,27 @@ class LlamaModDecoderLayer(LlamaDecoderLayer):
             position_embeddings: ``(cos, sin)`` [b, s, head_dim] at ``position_ids``.
             gate_mode: ``scale`` or ``straight_through``.
             cache: MoD cache to read from and append to, or None.
+            store: [b, s] bool, ``mod_skipped_kv`` layers only: the tokens whose K/V the layer
+                writes (every real token, a superset of ``keep``); kept tokens attend to them.
 
         Returns:
             [b, s, h] new hidden states (unchanged where ``keep`` is False).
         """
         batch, seq, hidden = hidden_states.shape
         counts = keep.sum(dim=1)
-        # The layer's one host read: each sequence's kept count gives the compact length,
-        # whether nothing or everything is kept, and the cache's bookkeeping.
-        counts_host = counts.tolist()
+        if store is not None:
+            # One host read for the kept and the stored counts together.
+            counts_host, store_host = torch.stack([counts, store.sum(dim=1)]).tolist()
+            if counts_host != store_host:
+                return self._forward_with_skipped_kv(
+                    hidden_states, keep, gates, position_ids, position_embeddings, gate_mode,
+                    cache, store, counts_host, store_host,
+                )  # fmt: skip
+            # Every stored token is also kept: the ordinary path computes exactly that.
+        else:
+            # The layer's one host read: each sequence's kept count gives the compact length,
+            # whether nothing or everything is kept, and the cache's bookkeeping.
+            counts_host = counts.tolist()
         m = max(counts_host, default=0)
         if m == 0:
             return hidden_states  # nothing kept anywhere: the layer is the identity
@@ -433,7 +476,12 @@ class LlamaModDecoderLayer(LlamaDecoderLayer):
                 for t in position_embeddings
             )
         output = self._compute(compact, (cos, sin), pos, valid, cache, counts_host)
+        return self._combine(hidden_states, compact, output, gates, index, valid, gate_mode)
 
+    @staticmethod
+    def _combine(hidden_states, compact, output, gates, index, valid, gate_mode):
+        """Gate the compact outputs and scatter them back (``index`` None: nothing moved)."""
+        hidden = hidden_states.shape[-1]
         dtype = hidden_states.dtype
         if gates is None:
             mixed = output
@@ -452,6 +500,69 @@ class LlamaModDecoderLayer(LlamaDecoderLayer):
         if index is None:
             return mixed
         return hidden_states.scatter(1, index[..., None].expand(-1, -1, hidden), mixed)
+
+    def _forward_with_skipped_kv(
+        self,
+        hidden_states: torch.Tensor,
+        keep: torch.Tensor,
+        gates: Optional[torch.Tensor],
+        position_ids: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        gate_mode: str,
+        cache: Optional[LlamaModCache],
+        store: torch.Tensor,
+        counts: list[int],
+        store_counts: list[int],
+    ) -> torch.Tensor:
+        """``mod_skipped_kv``: K/V for every stored token, everything else for kept tokens only.
+
+        Skipped tokens run the input norm and the K/V projections (with RoPE on K) and are
+        written to the cache; kept tokens also run the query projection, attention over every
+        stored token at or before their position, the output projection and the MLP.
+        """
+        attn = self.self_attn
+        head_dim = attn.head_dim
+        batch, _, hidden = hidden_states.shape
+        compact_kv, kv_positions, kv_valid, _ = _compact(
+            store, max(store_counts), hidden_states, position_ids, position_embeddings
+        )
+        kv_x, (kv_cos, kv_sin) = compact_kv
+        n = kv_x.shape[1]
+        normed = self.input_layernorm(kv_x)
+        k = attn.k_proj(normed).view(batch, n, -1, head_dim).transpose(1, 2)
+        v = attn.v_proj(normed).view(batch, n, -1, head_dim).transpose(1, 2)
+        k = _rotate(k, kv_cos, kv_sin)
+        if cache is not None:
+            k, v, kv_positions, kv_lengths = cache.append(
+                self.layer_idx, k, v, kv_positions, kv_valid, store_counts
+            )
+            kv_valid = torch.arange(k.shape[2], device=k.device)[None, :] < kv_lengths[:, None]
+        m = max(counts)
+        if m == 0:
+            return hidden_states  # K/V written; no token computes the layer
+        (x, (cos, sin)), q_positions, q_valid, index = _compact(
+            keep, m, hidden_states, position_ids, position_embeddings
+        )
+        q = attn.q_proj(self.input_layernorm(x)).view(batch, m, -1, head_dim).transpose(1, 2)
+        q = _rotate(q, cos, sin)
+        # Query i sees every stored token at or before its position. A padded query slot sees
+        # every slot, so that no row is fully masked (its output is discarded).
+        mask = kv_valid[:, None, :] & (kv_positions[:, None, :] <= q_positions[:, :, None])
+        mask = (mask | ~q_valid[:, :, None])[:, None]
+        groups = attn.num_key_value_groups
+        if groups > 1:
+            k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=attn.attention_dropout if self.training else 0.0,
+            scale=getattr(attn, "scaling", head_dim**-0.5),
+        )
+        h = x + attn.o_proj(out.transpose(1, 2).reshape(batch, m, -1))
+        output = h + self.mlp(self.post_attention_layernorm(h))
+        return self._combine(hidden_states, x, output, gates, index, q_valid, gate_mode)
 
     def _compute(
         self,
@@ -502,6 +613,31 @@ class LlamaModDecoderLayer(LlamaDecoderLayer):
         out = attn.o_proj(out.transpose(1, 2).reshape(batch, m, -1))
         h = residual + out
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def _compact(select, length, hidden_states, position_ids, position_embeddings):
+    """The ``select`` tokens of each sequence, in order, right-padded to ``length``.
+
+    Returns:
+        ``((x, (cos, sin)), positions, valid, index)``: [b, m, h], [b, m, d] twice, [b, m]
+        position ids, [b, m] bool (real slots) and the [b, m] source index.
+    """
+    order = torch.sort((~select).to(torch.int8), dim=1, stable=True).indices
+    index = order[:, :length]
+    valid = torch.arange(length, device=select.device)[None, :] < select.sum(dim=1)[:, None]
+    x = hidden_states.gather(1, index[..., None].expand(-1, -1, hidden_states.shape[-1]))
+    cos, sin = (
+        t.gather(1, index[..., None].expand(-1, -1, t.shape[-1])) for t in position_embeddings
+    )
+    return (x, (cos, sin)), position_ids.gather(1, index), valid, index
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on one of q/k ([b, heads, m, d]) with [b, m, d] tables, as transformers applies it."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)
 
 
 # ----------------------------------------------------------------------------------- models
@@ -745,6 +881,7 @@ class LlamaModModel(LlamaModPreTrainedModel):
                 position_embeddings=layer_embeddings,
                 gate_mode=config.mod_gate,
                 cache=cache,
+                store=layer_real if layer.routed and config.mod_skipped_kv else None,
             )
         hidden_states = self.norm(hidden_states.to(self.norm.weight.device))
         if output_hidden_states:

@@ -45,8 +45,25 @@ def test_parallel_layout_matches_tp1(reference, layout, tmp_path):
     flags, nproc = LAYOUTS[layout]
     out = tmp_path / f"{layout}.json"
     _run(["--load", str(ckpt), "--out", str(out), *flags], nproc=nproc)
-    got = json.loads(out.read_text())
+    _assert_parity(json.loads(out.read_text()), ref, nproc)
 
+
+@pytest.mark.slow
+def test_skipped_kv_tp2_pp2_sp_matches_tp1(reference, tmp_path):
+    """Keys and values from every token (--mod-skipped-kv): TP heads, PP stages and the SP
+    gather inside the QKV projection give what one rank computes."""
+    ckpt, dense_kv_ref = reference
+    ref_path, got_path = tmp_path / "tp1.json", tmp_path / "tp2_pp2_sp.json"
+    _run(["--load", str(ckpt), "--out", str(ref_path), "--skipped-kv"])
+    flags, nproc = LAYOUTS["tp2_pp2_sp"]
+    _run(["--load", str(ckpt), "--out", str(got_path), "--skipped-kv", *flags], nproc=nproc)
+    ref = json.loads(ref_path.read_text())
+    _assert_parity(json.loads(got_path.read_text()), ref, nproc)
+    # Same weights and routing inputs at layer 0; attending to the skipped tokens changes the loss.
+    assert ref["lm_loss"] != pytest.approx(dense_kv_ref["lm_loss"], rel=1e-4)
+
+
+def _assert_parity(got: dict, ref: dict, nproc: int) -> None:
     assert got["world_size"] == nproc
     kept = [ref["kept_fraction"][str(i)] for i in range(4)]
     assert any(0.2 < f < 0.8 for f in kept), f"routing should be active: {kept}"

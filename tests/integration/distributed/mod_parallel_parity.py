@@ -25,14 +25,18 @@ MICRO_BATCH = 2
 NUM_MICROBATCHES = 2
 
 
+SKIPPED_KV = False  # --skipped-kv: skipped tokens still write K/V
+
+
 def _mod_config():
     from megatron_mod.config import MoDConfig
 
     # compact_length_multiple=1: the compact batch really shrinks at this short sequence length
     # (the default multiple, 64, would cap it at the full 32 tokens).
     return MoDConfig(
-        routed_layers="all", threshold=0.5, load_loss_coeff=0.05, compact_length_multiple=1
-    )
+        routed_layers="all", threshold=0.5, load_loss_coeff=0.05, compact_length_multiple=1,
+        skipped_kv=SKIPPED_KV,
+    )  # fmt: skip
 
 
 def _build(tp: int, pp: int, sp: bool):
@@ -178,7 +182,10 @@ def main():
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--skipped-kv", action="store_true")
     args = parser.parse_args()
+    global SKIPPED_KV
+    SKIPPED_KV = args.skipped_kv
     if args.save:
         save(args.save)
     else:

@@ -426,6 +426,32 @@ def test_routed_megatron_matches_exported_hf_mod_model(work):
     assert hf_kept == pytest.approx(kept, abs=1e-6)
 
 
+def test_skipped_kv_megatron_matches_exported_hf_mod_model(work, tmp_path):
+    """--mod-skipped-kv is a routing setting: it travels in the checkpoint and the export, and
+    both sides compute the same logits with it."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from megatron_mod.hf.convert import convert_hf_to_megatron, convert_megatron_to_hf
+
+    ckpt = tmp_path / "ck_skipped_kv"
+    mod = dataclasses.replace(ROUTED, skipped_kv=True)
+    convert_hf_to_megatron(work["root"] / "hf", ckpt, tp=2, pp=1, mod_config=mod, progress=False)
+    logits, kept, _ = _megatron_logits(ckpt, work["tokens"])
+    kept_only, kept_only_fractions, _ = _megatron_logits(work["root"] / "ck_routed", work["tokens"])
+    assert kept[0] == kept_only_fractions[0]  # same routers: layer 0 routes the same embeddings
+    assert all(0.1 < f < 0.9 for f in kept.values()), kept
+    assert (logits - kept_only).abs().max() > 1e-2  # skipped tokens' K/V are seen
+    out = tmp_path / "hf"
+    convert_megatron_to_hf(ckpt, out, progress=False)
+    assert json.loads((out / "config.json").read_text())["mod_skipped_kv"] is True
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        hf_logits = model(work["tokens"]).logits
+    assert (hf_logits - logits[..., :VOCAB]).abs().max() <= 1e-4
+
+
 def _hf_kept_fractions(model, tokens) -> dict[int, float]:
     """Per-layer kept fraction of the HF MoD model, from its routers (g >= p on layer inputs,
     the first token always kept when the config says so)."""

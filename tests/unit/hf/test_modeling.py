@@ -106,14 +106,19 @@ def _reference(model: LlamaModForCausalLM, ids: torch.Tensor, mask: torch.Tensor
             idx = keep.nonzero().squeeze(1)
             if len(idx) == 0:
                 continue
-            x = h[idx][None]
-            n = len(idx)
+            # mod_skipped_kv: a token's K/V depend only on its own input, so "skipped tokens
+            # still provide K/V" is the stock layer on every token, skipped outputs discarded.
+            run = torch.arange(len(h)) if cfg.mod_skipped_kv and i in routed else idx
+            x = h[run][None]
+            n = len(run)
             causal = torch.full((n, n), torch.finfo(x.dtype).min).triu(1)[None, None]
-            cos_sin = stock.model.rotary_emb(x, pos[idx][None])
+            cos_sin = stock.model.rotary_emb(x, pos[run][None])
             out = layer(
-                x, attention_mask=causal, position_ids=pos[idx][None], position_embeddings=cos_sin
+                x, attention_mask=causal, position_ids=pos[run][None], position_embeddings=cos_sin
             )
             out = (out[0] if isinstance(out, tuple) else out)[0]
+            if len(run) != len(idx):
+                out = out[idx]
             if i not in routed:
                 new = out
             elif cfg.mod_gate == "scale":
@@ -686,3 +691,82 @@ def test_model_split_across_gpus_moves_masks_and_routing_to_each_layer():
         assert got.logits.device == torch.device("cpu", 1)
     assert torch.equal(got.logits.as_subclass(torch.Tensor), want.logits)
     assert torch.equal(got_step.logits.as_subclass(torch.Tensor), want_step.logits)
+
+
+# ------------------------------------------------------------------------------ skipped K/V
+
+
+@pytest.mark.parametrize("gate", ["scale", "straight_through"])
+def test_skipped_kv_matches_slow_reference_and_differs_from_kept_only_kv(gate):
+    model = _model(seed=2, mod_gate=gate, mod_routed_layers=[0, 1, 3], mod_skipped_kv=True)
+    ids, mask = _tokens([16, 11, 5], seed=3)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_router_stats=True)
+        ref_logits, ref_keep = _reference(model, ids, mask)
+        model.config.mod_skipped_kv = False
+        kept_only = model(ids, attention_mask=mask).logits
+    assert _real_max_diff(out.logits, ref_logits, mask) <= 1e-5
+    assert _real_max_diff(out.logits, kept_only, mask) > 1e-2
+    for i, stats in out.router_stats.items():
+        assert torch.equal(stats["keep"], ref_keep[i])
+        assert 0.15 < stats["kept_fraction"] < 0.85, (i, stats["kept_fraction"])
+
+
+def test_skipped_kv_projects_keys_for_every_token_and_queries_for_kept_tokens():
+    model = _model(seed=2, mod_routed_layers=[1], mod_skipped_kv=True)
+    ids, mask = _tokens([16, 9], seed=3)
+    seen = {}
+    attn = model.model.layers[1].self_attn
+    hooks = [
+        module.register_forward_hook(
+            lambda mod, args, out, name=name: seen.__setitem__(name, args[0].shape[:2])
+        )
+        for name, module in (("q", attn.q_proj), ("k", attn.k_proj), ("o", attn.o_proj))
+    ]
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_router_stats=True)
+    for h in hooks:
+        h.remove()
+    kept = out.router_stats[1]["keep"].sum(dim=1)
+    assert int(kept.max()) < 16
+    assert seen["q"] == seen["o"] == (2, int(kept.max()))
+    assert seen["k"] == (2, 16)
+
+
+def test_skipped_kv_generate_with_cache_equals_recompute_and_cache_holds_every_token():
+    from tests.helpers.host_syncs import HostSyncCounter
+
+    model = _model(seed=8, mod_routed_layers=[1, 2, 3], mod_skipped_kv=True)
+    ids, mask = _tokens([9, 4], seed=9)
+    steps = 10
+    with torch.no_grad():
+        gen = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        want, want_logits = _greedy_by_recompute(model, ids, mask, steps)
+        fed = gen.sequences[:, :-1]
+        fed_mask = torch.cat([mask, torch.ones(2, steps - 1, dtype=torch.long)], dim=1)
+        stats = model(fed, attention_mask=fed_mask, output_router_stats=True).router_stats
+        # Decoding reads the host once per layer, as with kept-only K/V.
+        out = model(ids, attention_mask=mask, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        with HostSyncCounter() as counter:
+            model(token, attention_mask=step_mask, past_key_values=out.past_key_values)
+    assert torch.equal(gen.sequences, want)
+    assert (torch.stack(gen.logits, dim=1) - want_logits).abs().max() <= 1e-4
+    cache = gen.past_key_values
+    positions = (fed_mask.cumsum(-1) - 1).clamp(min=0)
+    for i in range(4):
+        assert torch.equal(cache.kept_counts(i), fed_mask.sum(dim=1)), i
+        for b in range(2):
+            assert torch.equal(cache.layer_positions(i, b), positions[b][fed_mask[b].bool()])
+    for i in (1, 2, 3):
+        assert (stats[i]["keep"].sum(dim=1) < fed_mask.sum(dim=1)).all(), i  # tokens skipped
+    assert counter.count <= model.config.num_hidden_layers, counter.calls
