@@ -104,7 +104,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     MoDConfig.add_cli_args(
         p,
-        fields=["threshold", "gate", "router_input", "keep_first_token", "load_loss_coeff"],
+        fields=[
+            "threshold",
+            "gate",
+            "router_input",
+            "keep_first_token",
+            "load_loss_coeff",
+            "skipped_kv",
+        ],  # fmt: skip
         with_defaults=False,
         title="routing of the written checkpoint (defaults: MoDConfig's, " "gate straight_through)",
     )

@@ -331,6 +331,7 @@ def _load_mod_model(model_dir: Path, candidates: Sequence[int], mod: MoDConfig, 
         mod_routed_layers=list(candidates),
         mod_router_input=mod.router_input,
         mod_keep_first_token=mod.keep_first_token,
+        mod_skipped_kv=mod.skipped_kv,  # probes and thresholds measured in the K/V mode used
     )
     model = LlamaModForCausalLM(config)
     reader = HFCheckpointReader(model_dir)

@@ -30,25 +30,30 @@ def converted(tmp_path_factory):
     return work
 
 
-def _train(work, target: float) -> dict:
+def _train(work, target: float, extra: tuple[str, ...] = ()) -> dict:
     # The shared command line (tests.helpers.training.COMMON) with this test's budget: argparse
     # takes the last value of a repeated flag.
-    name = f"target_{target}"
+    name = f"target_{target}" + "".join(extra).replace("-", "_")
     result = run_pretrain(
         work, name, 1,
         ["--micro-batch-size", "4", "--train-iters", "100", "--lr", "2e-3", "--min-lr", "2e-4",
          "--lr-warmup-iters", "5", "--eval-iters", "2", "--log-interval", "10",
          "--mod-target-compute", str(target), "--mod-target-warmup-steps", "30",
-         "--mod-target-floor", str(FLOOR)],
+         "--mod-target-floor", str(FLOOR), *extra],
     )  # fmt: skip
     config = work / f"trained_{name}" / "megatron_mod_config.json"
     result["saved_mod"] = json.loads(config.read_text())["mod"]
     return result
 
 
-@pytest.mark.parametrize("target", [0.8, 0.6])
-def test_target_compute_is_reached_without_collapse(converted, target):
-    result = _train(converted, target)
+@pytest.mark.parametrize(
+    "target, extra",
+    [(0.8, ()), (0.6, ()), (0.8, ("--mod-skipped-kv", "true"))],
+    ids=["0.8", "0.6", "0.8-skipped-kv"],
+)
+def test_target_compute_is_reached_without_collapse(converted, target, extra):
+    result = _train(converted, target, extra)
+    assert result["saved_mod"]["skipped_kv"] is bool(extra)
     steps = result["step_metrics"]
     assert len(steps) == 100
     kept = [{int(k): v for k, v in s["kept_fraction"].items()} for s in steps]

@@ -95,13 +95,13 @@ def tiny(tmp_path_factory):
     return root, model_dir, data, tok
 
 
-def _calibrate(tiny, name, **kwargs):
+def _calibrate(tiny, name, mod_config=None, **kwargs):
     root, model_dir, data, _ = tiny
     settings = CalibrationSettings(**{"target_compute": 0.8, **kwargs})
     out = root / name
     plan = calibrate_hf_llama(
-        model_dir, data, out, settings, seq_length=SEQ, num_sequences=WINDOWS, overwrite=True,
-        log=lambda _: None, progress=False,
+        model_dir, data, out, settings, mod_config=mod_config, seq_length=SEQ,
+        num_sequences=WINDOWS, overwrite=True, log=lambda _: None, progress=False,
     )  # fmt: skip
     return out, plan
 
@@ -224,3 +224,23 @@ def test_cli_writes_the_report(tiny, capsys):
     plan = json.loads(report.read_text())
     assert f"routed layers {plan['routed_layers']}" in out
     assert (root / "cli" / "latest").is_file() and (root / "cli" / "iter_0000000").is_dir()
+
+
+def test_calibration_in_skipped_kv_mode_measures_and_writes_that_mode(tiny):
+    """With skipped tokens' K/V kept, the probes run in that mode (another loss than the
+    kept-only mode) and the checkpoint and its export carry the setting."""
+    from megatron_mod.checkpointing import read_checkpoint_metadata
+    from megatron_mod.config import MoDConfig
+
+    _, kept_only = _calibrate(tiny, "kv_kept_only", start_compute=0.8)
+    mod = MoDConfig(gate="straight_through", skipped_kv=True)
+    ckpt, plan = _calibrate(tiny, "kv_all", mod_config=mod, start_compute=0.8)
+    assert read_checkpoint_metadata(ckpt).mod["skipped_kv"] is True
+    assert plan.losses["plan"] != pytest.approx(kept_only.losses["plan"], rel=1e-6)
+    model = _export(ckpt, tiny[0] / "kv_all_hf")
+    assert model.config.mod_skipped_kv is True
+    with torch.no_grad():
+        stats = model(input_ids=_windows(tiny), use_cache=False, output_router_stats=True)
+    for j in plan.routed_layers:
+        kept = stats.router_stats[j]["kept_fraction"]
+        assert kept == pytest.approx(plan.layer_start_kept[j], abs=0.02), j
