@@ -124,6 +124,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="HF llama_mod export to add as a variant (repeatable)",
     )
     p.add_argument("--kept", default="0.3,0.5,0.7", help="kept fractions of calibrated routers")
+    p.add_argument(
+        "--skipped-kv-kept",
+        default="",
+        help="kept fractions of calibrated variants with mod_skipped_kv (skipped tokens still "
+        "write K/V; default: none)",
+    )
     p.add_argument("--routed-layers", default="every_other", help="routed layers (calibrated)")
     p.add_argument("--threshold", type=float, default=0.5, help="p of the calibrated variants")
     p.add_argument("--calib-tokens", type=int, default=1024, help="tokens to calibrate routers on")
@@ -155,6 +161,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batches = _ints(args.batches)
     if not args.kept or any(not 0.0 < k <= 1.0 for k in args.kept):
         p.error(f"--kept: fractions in (0, 1] expected, got {args.kept}")
+    args.skipped_kv_kept = _floats(args.skipped_kv_kept) if args.skipped_kv_kept else []
+    if any(not 0.0 < k <= 1.0 for k in args.skipped_kv_kept):
+        p.error(f"--skipped-kv-kept: fractions in (0, 1] expected, got {args.skipped_kv_kept}")
     if not 0.0 < args.threshold < 1.0:
         p.error(f"--threshold must be in (0, 1), got {args.threshold}")
     if not args.contexts or min(args.contexts) < 2 or not args.batches or min(args.batches) < 1:
@@ -233,7 +242,7 @@ def _llama_fields(config) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("mod_")}
 
 
-def mod_twin(dense, routed_layers, threshold: float, seed: int):
+def mod_twin(dense, routed_layers, threshold: float, seed: int, skipped_kv: bool = False):
     """A ``LlamaModForCausalLM`` whose tensors are the dense model's (shared), plus routers."""
     from megatron_mod.hf.configuration_llama_mod import LlamaModConfig
     from megatron_mod.hf.modeling_llama_mod import LlamaModForCausalLM
@@ -243,6 +252,7 @@ def mod_twin(dense, routed_layers, threshold: float, seed: int):
         mod_routed_layers=routed_layers,
         mod_threshold=threshold,
         mod_gate="straight_through",  # kept tokens compute exactly the dense layer
+        mod_skipped_kv=skipped_kv,
     )
     torch.manual_seed(seed)
     mod = LlamaModForCausalLM(config).eval()
@@ -436,9 +446,9 @@ def run_once(model, ids: torch.Tensor, new_tokens: int, is_mod: bool, mem: PeakM
         t1 = time.perf_counter()
         cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
         cache_kw = cache_kwarg(model)
-        prefill_lengths = (
-            [int(x.sum()) if x is not None else 0 for x in cache.lengths] if is_mod else None
-        )
+        # Tokens each layer computed (with mod_skipped_kv the cache also stores skipped ones).
+        prefill_computed = [sum(c or [0]) for c in cache.computed] if is_mod else None
+        prefill_calls = list(cache.executed_calls) if is_mod else None
         for _ in range(new_tokens):
             nxt = out.logits[:, -1:].argmax(-1)
             out = model(nxt, use_cache=True, **{cache_kw: cache})
@@ -454,20 +464,16 @@ def run_once(model, ids: torch.Tensor, new_tokens: int, is_mod: bool, mem: PeakM
         rss_before=before,
     )
     if is_mod:
-        end = [int(x.sum()) if x is not None else 0 for x in cache.lengths]
-        run.kept_prefill = [n / (batch * ctx) for n in prefill_lengths]
-        run.kept_decode = [(e - s) / (batch * new_tokens) for s, e in zip(prefill_lengths, end)]
-        run.kept_cache = [n / (batch * (ctx + new_tokens)) for n in end]
+        end = [sum(c or [0]) for c in cache.computed]
+        stored = [int(x.sum()) if x is not None else 0 for x in cache.lengths]
+        run.kept_prefill = [n / (batch * ctx) for n in prefill_computed]
+        run.kept_decode = [(e - s) / (batch * new_tokens) for s, e in zip(prefill_computed, end)]
+        run.kept_cache = [n / (batch * (ctx + new_tokens)) for n in stored]
         # A batched decode step runs a layer (reading all its weights) if any sequence keeps the
-        # token there: the decode positions stored by any sequence count the executed steps.
-        for layer in range(len(end)):
-            pos, lengths = cache.positions[layer], cache.lengths[layer]
-            if pos is None:
-                run.executed_decode.append(0.0)
-                continue
-            stored = [pos[b, : int(lengths[b])] for b in range(batch)]
-            steps = torch.unique(torch.cat(stored))
-            run.executed_decode.append(int((steps >= ctx).sum()) / new_tokens)
+        # token there.
+        run.executed_decode = [
+            (e - s) / new_tokens for s, e in zip(prefill_calls, cache.executed_calls)
+        ]
     del out, cache
     return run
 
@@ -534,6 +540,7 @@ def summarize(
         "batch": batch,
         "variant": variant.name,
         "kind": variant.kind,
+        "skipped_kv": bool(getattr(variant.mod.config, "mod_skipped_kv", False)),
         "target_kept": variant.target_kept,
         "c_eff_prefill": round(c_prefill, 4),
         "c_eff_decode": round(c_decode, 4),
@@ -741,6 +748,12 @@ def main(argv: list[str] | None = None) -> int:
     for kept in args.kept:
         biases = calibrate_routers(mod, calib, kept)
         variants.append(Variant(f"kept {kept:g}", "calibrated", mod, dense, biases, kept))
+    if args.skipped_kv_kept:
+        mod_kv = mod_twin(dense, args.routed_layers, args.threshold, args.seed, skipped_kv=True)
+        for kept in args.skipped_kv_kept:
+            biases = calibrate_routers(mod_kv, calib, kept)
+            name = f"kept {kept:g} skipped K/V"
+            variants.append(Variant(name, "calibrated", mod_kv, dense, biases, kept))
     if args.save_calibrated:
         set_biases(mod, variants[0].biases)
         save_export(mod, tok, Path(args.save_calibrated))
@@ -826,7 +839,9 @@ def main(argv: list[str] | None = None) -> int:
             },
             "rounds_completed": rounds_done,
             "calibrated_biases": {
-                f"{v.target_kept:g}": {str(k): b for k, b in v.biases.items()}
+                f"{v.target_kept:g}" + (" skipped K/V" if v.mod.config.mod_skipped_kv else ""): {
+                    str(k): b for k, b in v.biases.items()
+                }
                 for v in variants
                 if v.biases is not None
             },

@@ -99,6 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(str(c) for c in DEFAULT_CAPACITIES),
         help="comma list of top-k capacities c",
     )
+    p.add_argument(
+        "--skipped-kv-capacities",
+        default="0.25,0.5",
+        help="comma list of top-k capacities also timed with skipped_kv (skipped tokens still "
+        "write K/V); empty for none",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up rounds")
     p.add_argument(
@@ -128,7 +134,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         _int_list(args.model_seq_lens) if args.model_seq_lens else args.seq_lens[:1]
     )
     args.capacities = [float(c) for c in args.capacities.split(",") if c.strip()]
-    for c in args.capacities:
+    args.skipped_kv_capacities = [
+        float(c) for c in args.skipped_kv_capacities.split(",") if c.strip()
+    ]
+    for c in args.capacities + args.skipped_kv_capacities:
         if not 0.0 < c <= 1.0:
             p.error(f"capacity {c} is outside (0, 1]")
     if args.ffn_hidden is None:
@@ -216,13 +225,23 @@ def build_config(args, num_layers: int):
     )
 
 
-def mod_variants(capacities: list[float]) -> list[tuple[str, float, object]]:
+def mod_variants(
+    capacities: list[float], skipped_kv_capacities: list[float] = ()
+) -> list[tuple[str, float, object]]:
     """(label, kept fraction, MoDConfig) of every MoD variant timed."""
     from megatron_mod.config import MoDConfig
 
     variants = [
         (f"topk c={c:g}", c, MoDConfig(routing="topk", capacity=c, routed_layers="all"))
         for c in capacities
+    ]
+    variants += [
+        (
+            f"topk c={c:g} skipped K/V",
+            c,
+            MoDConfig(routing="topk", capacity=c, routed_layers="all", skipped_kv=True),
+        )
+        for c in skipped_kv_capacities
     ]
     variants.append(
         (
@@ -301,17 +320,23 @@ def model_step(model, tokens, positions, labels):
 # --------------------------------------------------------------------------- measurements
 
 
-def layer_flops(args, tokens: int) -> float:
+def layer_flops(args, tokens: int, keys: int | None = None) -> float:
     """Forward matmul FLOPs of one LLaMA layer on ``tokens`` tokens of one sequence (x batch).
 
     Linear layers scale with the token count; megatron's local attention computes the full
-    square score matrix (then masks it), so attention scales with its square. Backward is twice
+    score matrix (then masks it), so attention scales with queries x keys. Backward is twice
     the forward for every matmul, so ratios of this count are the fwd+bwd FLOP ratios.
+
+    ``keys``: a ``skipped_kv`` layer, whose ``keys - tokens`` skipped tokens run the K/V
+    projections only (the ideal; megatron's fused QKV also computes their queries) and whose
+    ``tokens`` queries attend to all ``keys``.
     """
     h, kv = args.hidden, args.hidden // args.heads * args.query_groups
     linear = 2 * h * (h + 2 * kv) + 2 * h * h + 2 * 3 * h * args.ffn_hidden
-    attention = 2 * 2 * tokens * tokens * h
-    return args.batch * (tokens * linear + attention)
+    keys = tokens if keys is None else keys
+    attention = 2 * 2 * tokens * keys * h
+    kv_only = (keys - tokens) * 2 * h * 2 * kv
+    return args.batch * (tokens * linear + attention + kv_only)
 
 
 def flop_ideal(args, seq: int, mod_cfg, num_layers: int, with_head: bool) -> float:
@@ -323,7 +348,11 @@ def flop_ideal(args, seq: int, mod_cfg, num_layers: int, with_head: bool) -> flo
     routed = set(mod_cfg.routed_layer_indices(num_layers))
     head = 2 * args.hidden * args.vocab * seq * args.batch if with_head else 0.0
     k = min(seq, max(1, math.ceil(kept * seq)))
-    mod = sum(layer_flops(args, k if i in routed else seq) for i in range(num_layers))
+    keys = seq if mod_cfg.skipped_kv else None
+    mod = sum(
+        layer_flops(args, k, keys) if i in routed else layer_flops(args, seq)
+        for i in range(num_layers)
+    )
     return (mod + head) / (num_layers * layer_flops(args, seq) + head)
 
 
@@ -358,7 +387,7 @@ def measure_layers(args, sync) -> list[dict]:
 
     set_load_loss_scale(1)
     tc = build_config(args, num_layers=1)
-    variants = mod_variants(args.capacities)
+    variants = mod_variants(args.capacities, args.skipped_kv_capacities)
     dense, mods = build_layers(tc, variants)
     dtype = tc.params_dtype
     for m in (dense, *mods):

@@ -152,6 +152,11 @@ class LlamaModCache:
         self.lengths: list[Optional[torch.Tensor]] = [None] * num_layers
         self.host_lengths: list[Optional[list[int]]] = [None] * num_layers
         """``lengths`` mirrored on the host: capacity and masks are planned without a sync."""
+        self.computed: list[Optional[list[int]]] = [None] * num_layers
+        """Per layer and sequence, tokens the layer computed (host ints). Equal to the stored
+        counts, except in ``mod_skipped_kv`` layers, which also store the skipped tokens."""
+        self.executed_calls = [0] * num_layers
+        """Per layer, forward calls in which it computed a token for at least one sequence."""
         self.seen_tokens = 0
         """Input columns consumed so far, padding included (what ``generate`` counts)."""
         self.real_tokens: Optional[torch.Tensor] = None
@@ -341,12 +346,19 @@ class LlamaModCache:
             self.lengths[layer_idx],
         )
 
+    def record_computed(self, layer_idx: int, counts: list[int]) -> None:
+        """Count the tokens a layer computed in one call (host ints: no synchronisation)."""
+        before = self.computed[layer_idx] or [0] * len(counts)
+        self.computed[layer_idx] = [b + c for b, c in zip(before, counts)]
+        self.executed_calls[layer_idx] += int(max(counts, default=0) > 0)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select/reorder sequences (beam search)."""
         order = beam_idx.tolist()
         for i in range(self.num_layers):
-            if self.host_lengths[i] is not None:
-                self.host_lengths[i] = [self.host_lengths[i][j] for j in order]
+            for host in (self.host_lengths, self.computed):
+                if host[i] is not None:
+                    host[i] = [host[i][j] for j in order]
             for store in (self.keys, self.values, self.positions, self.lengths):
                 if store[i] is not None:
                     store[i] = store[i].index_select(0, beam_idx.to(store[i].device))
@@ -446,6 +458,8 @@ class LlamaModDecoderLayer(LlamaDecoderLayer):
         if store is not None:
             # One host read for the kept and the stored counts together.
             counts_host, store_host = torch.stack([counts, store.sum(dim=1)]).tolist()
+            if cache is not None:
+                cache.record_computed(self.layer_idx, counts_host)
             if counts_host != store_host:
                 return self._forward_with_skipped_kv(
                     hidden_states, keep, gates, position_ids, position_embeddings, gate_mode,
@@ -456,6 +470,8 @@ class LlamaModDecoderLayer(LlamaDecoderLayer):
             # The layer's one host read: each sequence's kept count gives the compact length,
             # whether nothing or everything is kept, and the cache's bookkeeping.
             counts_host = counts.tolist()
+            if cache is not None:
+                cache.record_computed(self.layer_idx, counts_host)
         m = max(counts_host, default=0)
         if m == 0:
             return hidden_states  # nothing kept anywhere: the layer is the identity

@@ -151,7 +151,8 @@ def test_bench_inference_runs_at_tiny_size(tmp_path):
         sys.executable,
         str(REPO / "benchmarks" / "bench_inference.py"),
         "--model", "tiny", "--contexts", "64,96", "--batches", "1,2", "--new-tokens", "3",
-        "--rounds", "1", "--kept", "0.25,1", "--calib-tokens", "256", "--threads", "1",
+        "--rounds", "1", "--kept", "0.25,1", "--skipped-kv-kept", "0.25",
+        "--calib-tokens", "256", "--threads", "1",
         "--max-tokens", "128",
         "--trained", str(tmp_path / "trained"), "--out-dir", str(out),
         "--save-calibrated", str(tmp_path / "calibrated"),
@@ -165,7 +166,9 @@ def test_bench_inference_runs_at_tiny_size(tmp_path):
     rows = result["rows"]
     # 96 x 2 tokens exceeds --max-tokens 128: that pair is skipped.
     assert {(r["context"], r["batch"]) for r in rows} == {(64, 1), (64, 2), (96, 1)}
-    assert {r["variant"] for r in rows} == {"kept 0.25", "kept 1", "trained trained p=0.5"}
+    assert {r["variant"] for r in rows} == {
+        "kept 0.25", "kept 1", "kept 0.25 skipped K/V", "trained trained p=0.5"
+    }  # fmt: skip
     # --save-calibrated wrote the first variant as an export that transformers loads.
     from transformers import AutoModelForCausalLM
 
@@ -179,8 +182,12 @@ def test_bench_inference_runs_at_tiny_size(tmp_path):
     for r in rows:
         if r["variant"] == "kept 1":  # bias set below every token's logit: all computed
             assert r["c_eff_prefill"] == r["c_eff_decode"] == 1.0
-        elif r["variant"] == "kept 0.25":  # two dense + two routed layers at ~0.25
+        elif r["variant"].startswith("kept 0.25"):  # two dense + two routed layers at ~0.25
             assert abs(r["c_eff_prefill"] - (2 + 2 * 0.25) / 4) < 0.1, r
+        # Skipped tokens' K/V are stored too: the cache holds every token, as dense does.
+        assert r["skipped_kv"] == r["variant"].endswith("skipped K/V")
+        if r["variant"].startswith("kept 0.25"):
+            assert (r["ideal_kv"] == 1.0) == r["skipped_kv"], r
         # The MoD cache holds exactly the computed tokens (plus an 8-byte position each).
         assert r["kv_stored_ratio"] == pytest.approx(
             r["ideal_kv"] * per_slot_kv / (per_slot_kv + 8), rel=2e-3
