@@ -79,12 +79,20 @@ def score(model, windows: torch.Tensor, base_layers: int, device: str = "cpu") -
     count: a MoD model's routed layers count their kept fraction, a pruned model's missing
     layers count 0.
 
+    ``routing`` says, per routed layer, whether it routes tokens or whole sequences: the share
+    of windows in which it keeps some but not all tokens (``mixed_windows``), the spread of its
+    per-window kept fraction (``window_kept_std``), and ``differs_between_sequences``: the
+    fraction of (window, position) decisions that differ from the layer's majority decision at
+    that position over all windows (0 for a layer that routes by position or not at all).
+
     Returns:
-        {"loss", "perplexity", "c_eff", "kept" (per routed layer; MoD models only), "tokens"}
+        {"loss", "perplexity", "c_eff", "kept" and "routing" (per routed layer; MoD models
+        only), "tokens"}
     """
     mod = getattr(model.config, "model_type", "") == "llama_mod"
     routed = list(model.config.mod_routed_layers) if mod else []
     kept = dict.fromkeys(routed, 0)
+    decisions = {i: [] for i in routed}
     nll, count, tokens = 0.0, 0, 0
     with torch.inference_mode():
         for row in windows:
@@ -97,15 +105,30 @@ def score(model, windows: torch.Tensor, base_layers: int, device: str = "cpu") -
             tokens += ids.shape[1]
             for i in routed:
                 kept[i] += int(out.router_stats[i]["kept_tokens"])
+                decisions[i].append(out.router_stats[i]["keep"][0].cpu())
     num_layers = model.config.num_hidden_layers
     computed = num_layers - len(routed) + sum(k / tokens for k in kept.values())
     loss = nll / count
-    return {
+    result = {
         "loss": round(loss, 5),
         "perplexity": round(math.exp(min(loss, 700.0)), 3),
         "c_eff": round(computed / base_layers, 5),
         "kept": {str(i): round(k / tokens, 4) for i, k in kept.items()},
         "tokens": count,
+    }
+    if routed:
+        result["routing"] = {str(i): routing_spread(torch.stack(decisions[i])) for i in routed}
+    return result
+
+
+def routing_spread(keep: torch.Tensor) -> dict:
+    """How one layer's decisions ``keep`` [windows, positions] vary within and across windows."""
+    per_window = keep.float().mean(dim=1)
+    majority = keep.float().mean(dim=0) >= 0.5
+    return {
+        "mixed_windows": round(float(((per_window > 0) & (per_window < 1)).float().mean()), 4),
+        "window_kept_std": round(float(per_window.std()) if len(per_window) > 1 else 0.0, 4),
+        "differs_between_sequences": round(float((keep != majority[None]).float().mean()), 4),
     }
 
 

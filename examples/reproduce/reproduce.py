@@ -16,6 +16,8 @@ Variants (each continued-trained from the same base, same data order, same token
 * ``g_calibrated``: as ``a``, but the routed layers, their kept fractions and the routers come
   from ``tools/calibrate_routers.py`` on training text (the base frozen): the checkpoint starts
   keeping every token and the compute target anneals each layer to its calibrated budget;
+* ``h_calibrated_skipped_kv``: as ``g`` with ``--mod-skipped-kv``: skipped tokens still run the
+  K/V projections and write K/V, so kept tokens attend to every token (calibrated in that mode);
 * ``f_fixed_alpha``: MoDification with the project's (the method's) defaults: the ``scale`` gate
   (``h + g * (layer(h) - h)``), router bias +2 and the fixed load-loss coefficient alpha, no
   compute target, to show what the published recipe does at this budget.
@@ -55,8 +57,8 @@ sys.path.insert(0, str(HERE))
 import measure  # noqa: E402
 
 VARIANTS = (
-    "a_modification", "g_calibrated", "b_topk", "c_shortgpt", "d_routers_only", "e_dense",
-    "f_fixed_alpha",
+    "a_modification", "g_calibrated", "h_calibrated_skipped_kv", "b_topk", "c_shortgpt",
+    "d_routers_only", "e_dense", "f_fixed_alpha",
 )  # fmt: skip
 LABELS = {
     "base": "base (untouched)",
@@ -67,6 +69,7 @@ LABELS = {
     "e_dense": "(e) dense continued training",
     "f_fixed_alpha": "(f) MoDification defaults: scale gate, bias +2, fixed alpha",
     "g_calibrated": "(g) MoDification, calibrated routers + compute target",
+    "h_calibrated_skipped_kv": "(h) as (g), skipped tokens still write K/V",
 }
 TRAIN_SUMMARY_KEYS = (
     "steps",
@@ -537,6 +540,7 @@ def evaluate_dir(ctx: Context, path: Path) -> dict:
         "c_eff": out["in_domain"]["c_eff"],
         "c_eff_other": out["other"]["c_eff"],
         "kept_per_routed_layer": out["in_domain"]["kept"],
+        "routing": out["in_domain"].get("routing", {}),
         "scored_tokens": {k: v["tokens"] for k, v in out.items()},
     }
 
@@ -574,14 +578,16 @@ def run_variant(ctx: Context, name: str, results: dict) -> dict:
         )
         hf = train_variant(ctx, name, base, convert, train, dense=False)
         record["settings"] = settings
-    elif name == "g_calibrated":
+    elif name in ("g_calibrated", "h_calibrated_skipped_kv"):
         if "--mod-target-compute" not in ctx.flags:
-            raise ReproduceError("g_calibrated needs the trainer's --mod-target-compute")
+            raise ReproduceError(f"{name} needs the trainer's --mod-target-compute")
+        skipped_kv = name == "h_calibrated_skipped_kv"
         calibrate = ["--data", str(ctx.work / "corpus" / "train.jsonl"), "--target-compute",
                      str(b.target_compute), "--seq-length", str(b.eval_seq_length),
                      "--num-sequences", str(b.calibration_windows), "--no-progress",
                      "--mod-threshold", str(b.threshold), "--mod-gate", "straight_through",
-                     "--device", b.device]  # fmt: skip
+                     "--device", b.device,
+                     "--mod-skipped-kv", str(skipped_kv).lower()]  # fmt: skip
         train = ["--mod-load-loss-coeff", str(b.alpha),
                  "--mod-target-compute", str(b.target_compute),
                  "--mod-target-warmup-steps", str(b.target_warmup)]  # fmt: skip
@@ -596,6 +602,7 @@ def run_variant(ctx: Context, name: str, results: dict) -> dict:
             "router_correlation": plan["router_correlation"], "target_compute":
             b.target_compute, "target_warmup_steps": b.target_warmup,
             "compute_control": "controller (--mod-target-compute), calibrated budgets",
+            "skipped_kv": skipped_kv,
         }  # fmt: skip
     elif name == "b_topk":
         if a_ceff is None:
@@ -644,6 +651,12 @@ def run_variant(ctx: Context, name: str, results: dict) -> dict:
     if summary.is_file():
         s = json.loads(summary.read_text())
         record["train"] = {k: s.get(k) for k in TRAIN_SUMMARY_KEYS}
+        if any("kept_fraction" in m for m in s.get("step_metrics", [])):
+            # The per-layer kept fractions over training (plotted beside the table).
+            record["train"]["kept_per_step"] = [
+                {"step": m.get("iteration", n + 1), **m.get("kept_fraction", {})}
+                for n, m in enumerate(s["step_metrics"])
+            ]
     record.update(evaluate_dir(ctx, hf))
     record.update(status="done", hf_dir=str(hf), seconds=round(time.perf_counter() - t0, 1))
     log(f"   {name}: held-out loss {record['loss_in_domain']:.4f} (in-domain) / "
@@ -721,6 +734,43 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def plot_kept_over_training(rows: list[dict], title: str, path: Path) -> bool:
+    """One panel per routed variant: each routed layer's kept fraction at every training step.
+
+    Returns:
+        False when no variant recorded per-step kept fractions (nothing written).
+    """
+    series = [r for r in rows if r.get("status") == "done" and r.get("train", {}).get(
+        "kept_per_step")]  # fmt: skip
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 4), squeeze=False)
+    for ax, r in zip(axes[0], series):
+        steps = r["train"]["kept_per_step"]
+        layers = sorted({k for m in steps for k in m if k != "step"}, key=int)
+        for layer in layers:
+            ax.plot([m["step"] for m in steps], [m.get(layer) for m in steps], lw=1,
+                    label=f"layer {layer}")  # fmt: skip
+        ax.set_title(r["label"], fontsize=9)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("kept fraction")
+        ax.set_ylim(-0.02, 1.02)
+    if len(layers) <= 16:
+        axes[0][-1].legend(fontsize=6, ncol=2)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
 
 
 def device_tag(device: str) -> str:
@@ -905,6 +955,9 @@ def _run(args, budget: Budget, work: Path, start: float) -> int:
                  f"({args.budget} budget, {device})")  # fmt: skip
         plot(rows, title, json_path.with_suffix(".png"))
         log(f"plot: {json_path.with_suffix('.png')}")
+        kept_png = json_path.with_name(f"{json_path.stem}_kept.png")
+        if plot_kept_over_training(rows, title, kept_png):
+            log(f"kept fractions over training: {kept_png}")
     not_run = [r["name"] for r in rows if r.get("status") != "done"]
     log(f"results: {json_path} ({len(finished)} variants measured"
         f"{', not run: ' + ', '.join(not_run) if not_run else ''}; "

@@ -61,17 +61,34 @@ def test_reproduce_tiny_runs_every_variant_and_resumes(tmp_path):
     report = json.loads(report_path.read_text())
     assert report_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = {r["name"]: r for r in report["variants"]}
-    names = ["base", "a_modification", "g_calibrated", "b_topk", "c_shortgpt",
-             "d_routers_only", "e_dense", "f_fixed_alpha"]  # fmt: skip
+    names = ["base", "a_modification", "g_calibrated", "h_calibrated_skipped_kv", "b_topk",
+             "c_shortgpt", "d_routers_only", "e_dense", "f_fixed_alpha"]  # fmt: skip
     assert list(rows) == names
     layers = report["data"]["base_layers"]
     assert layers == 4
 
     # Same budget for every trained variant.
     budget = report["budget_settings"]
-    for name in ("a_modification", "g_calibrated", "b_topk", "c_shortgpt", "e_dense",
-                 "f_fixed_alpha"):  # fmt: skip
+    for name in ("a_modification", "g_calibrated", "h_calibrated_skipped_kv", "b_topk",
+                 "c_shortgpt", "e_dense", "f_fixed_alpha"):  # fmt: skip
         assert rows[name]["train"]["last_iteration"] == budget["train_iters"], name
+    # (h) is (g) with skipped tokens' K/V kept, carried into the trained export.
+    h = rows["h_calibrated_skipped_kv"]
+    assert h["settings"]["skipped_kv"] is True and rows["g_calibrated"]["settings"][
+        "skipped_kv"] is False  # fmt: skip
+    config = json.loads((Path(h["hf_dir"]) / "config.json").read_text())
+    assert config["mod_skipped_kv"] is True
+    # Kept fractions of every routed layer at every step, and the picture of them.
+    steps = rows["g_calibrated"]["train"]["kept_per_step"]
+    assert len(steps) == budget["train_iters"]
+    assert {k for k in steps[0] if k != "step"} == set(rows["g_calibrated"][
+        "kept_per_routed_layer"])  # fmt: skip
+    kept_png = report_path.with_name(report_path.stem + "_kept.png")
+    assert kept_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Routing spread per layer: shares in [0, 1], and a sequence-level router would give 0.
+    for spread in rows["g_calibrated"]["routing"].values():
+        assert 0.0 <= spread["differs_between_sequences"] <= 1.0
+        assert 0.0 <= spread["mixed_windows"] <= 1.0
     # (g): routers, routed layers and budgets from the calibration, steered by the target.
     g = rows["g_calibrated"]["settings"]
     assert g["routed_layers"] == sorted(
