@@ -91,16 +91,21 @@ def device_info(device: str) -> dict:
     """A description of the machine and software the numbers were measured on."""
     import platform as py_platform
 
-    import megatron.core
     import torch
 
+    try:
+        import megatron.core
+
+        core_version = getattr(megatron.core, "__version__", "unknown")
+    except ImportError:  # the serving environment (vLLM) has no megatron-core
+        core_version = None
     info = {
         "device": device,
         "cpu": cpu_name(),
         "cpu_cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "megatron_core": getattr(megatron.core, "__version__", "unknown"),
+        "megatron_core": core_version,
         "python": py_platform.python_version(),
     }
     if device == "cuda":

@@ -54,12 +54,14 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_report_header(config):
     """Which torch, megatron-core and transformers the suite runs against (and from where)."""
-    import megatron.core
     import torch
     import transformers
 
-    core_dir = os.path.dirname(os.path.dirname(megatron.core.__file__))
-    return (
-        f"torch {torch.__version__}, megatron-core {megatron.core.__version__} "
-        f"({core_dir}), transformers {transformers.__version__}"
-    )
+    try:
+        import megatron.core
+    except ImportError:  # the serving environment (vLLM) has no megatron-core
+        core = "megatron-core not installed"
+    else:
+        core_dir = os.path.dirname(os.path.dirname(megatron.core.__file__))
+        core = f"megatron-core {megatron.core.__version__} ({core_dir})"
+    return f"torch {torch.__version__}, {core}, transformers {transformers.__version__}"

@@ -46,6 +46,8 @@ class KeptPlan:
     """[n] cache slots the layer writes their K/V to."""
     kept_per_request: list[int]
     """Tokens computed per request of the step (host ints, for statistics and tests)."""
+    write_only: bool = False
+    """``skipped_kv`` with no kept token: the step's K/V are written, nothing is computed."""
 
 
 class RoutedAttentionPlanner:
@@ -66,6 +68,10 @@ class RoutedAttentionPlanner:
         self._kept_through: torch.Tensor | None = None
         self.last_kept_per_request: list[int] = []
         """Per request of the last step, tokens this layer computed (tests, statistics)."""
+        self.kept_tokens = 0
+        """Tokens this layer computed since the engine started (host count, no sync)."""
+        self.seen_tokens = 0
+        """Tokens that reached this layer since the engine started."""
 
     # -- planning
 
@@ -121,7 +127,7 @@ class RoutedAttentionPlanner:
         kept_through[slots[:num_tokens].long()] = kept_so_far.to(kept_through.dtype)
 
         counts, totals = torch.stack([kept_per_request, kept_before + kept_per_request]).tolist()
-        self.last_kept_per_request = counts
+        self._count(counts, num_tokens)
         total = sum(counts)
         if total == 0:
             return None
@@ -145,10 +151,11 @@ class RoutedAttentionPlanner:
         run_start = keep & (new_request | ~previous_kept)
         run_id = run_start.long().cumsum(0) - 1
         counts = kept_per_request.tolist()
-        self.last_kept_per_request = counts
+        self._count(counts, num_tokens)
         total = sum(counts)
-        if total == 0:
-            return None
+        if total == 0:  # the skipped tokens' K/V are still written
+            empty = torch.zeros(0, dtype=torch.long, device=keep.device)
+            return KeptPlan(empty, None, None, counts, write_only=True)
         index = torch.sort((~keep).to(torch.int8), stable=True).indices[:total]
         runs = run_id[index]
         num_runs = int(runs[-1]) + 1
@@ -180,24 +187,7 @@ class RoutedAttentionPlanner:
         context = get_forward_context()
         name = self.attn.layer_name
         if all_keys is not None:
-            impl = self.attn.impl
-            if getattr(self.attn.attn_backend, "forward_includes_kv_cache_update", False) or (
-                not hasattr(impl, "do_kv_cache_update")
-            ):
-                raise NotImplementedError(
-                    f"mod_skipped_kv needs an attention backend with a separate KV cache "
-                    f"update; {type(impl).__name__} has none. Serve this export with kept-only "
-                    f"K/V (mod_skipped_kv false) or another backend"
-                )
-            heads, head_size = self.attn.num_kv_heads, self.attn.head_size
-            num_tokens = int(self._original_metadata(context).num_actual_tokens)
-            impl.do_kv_cache_update(
-                self.attn,
-                all_keys[:num_tokens].view(-1, heads, head_size),
-                all_values[:num_tokens].view(-1, heads, head_size),
-                self.attn.kv_cache,
-                context.slot_mapping[name][:num_tokens],
-            )
+            self.write_kv(all_keys, all_values)
         saved = (context.attn_metadata[name], context.slot_mapping[name])
         context.attn_metadata[name] = plan.metadata
         context.slot_mapping[name] = plan.slot_mapping
@@ -206,7 +196,36 @@ class RoutedAttentionPlanner:
         finally:
             context.attn_metadata[name], context.slot_mapping[name] = saved
 
+    def write_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """``skipped_kv``: write the K/V of every real token of the step at its own slot."""
+        from vllm.forward_context import get_forward_context
+
+        context = get_forward_context()
+        impl = self.attn.impl
+        if getattr(self.attn.attn_backend, "forward_includes_kv_cache_update", False) or (
+            not hasattr(impl, "do_kv_cache_update")
+        ):
+            raise NotImplementedError(
+                f"mod_skipped_kv needs an attention backend with a separate KV cache update; "
+                f"{type(impl).__name__} has none. Serve this export with kept-only K/V "
+                f"(mod_skipped_kv false) or another backend"
+            )
+        heads, head_size = self.attn.num_kv_heads, self.attn.head_size
+        num_tokens = int(self._original_metadata(context).num_actual_tokens)
+        impl.do_kv_cache_update(
+            self.attn,
+            keys[:num_tokens].view(-1, heads, head_size),
+            values[:num_tokens].view(-1, heads, head_size),
+            self.attn.kv_cache,
+            context.slot_mapping[self.attn.layer_name][:num_tokens],
+        )
+
     # -- helpers
+
+    def _count(self, counts: list[int], num_tokens: int) -> None:
+        self.last_kept_per_request = counts
+        self.kept_tokens += sum(counts)
+        self.seen_tokens += num_tokens
 
     def _original_metadata(self, context):
         metadata = context.attn_metadata

@@ -43,7 +43,9 @@ from vllm.sequence import IntermediateTensors
 from megatron_mod.hf.modeling_llama_mod import LlamaModRouter
 from megatron_mod.serving.vllm_kv import RoutedAttentionPlanner
 
-__all__ = ["LlamaModForCausalLM", "LlamaModDecoderLayer", "decode_threshold"]
+__all__ = [
+    "LlamaModForCausalLM", "LlamaModDecoderLayer", "decode_threshold", "kept_token_counts"
+]  # fmt: skip
 
 
 def decode_threshold(config, layer_idx: int) -> float:
@@ -107,6 +109,13 @@ class LlamaModDecoderLayer(LlamaDecoderLayer):
         if self.keep_first_token:
             keep = keep | (positions == 0)
         plan = self.planner.plan(keep, positions)
+        if plan is not None and plan.write_only:  # skipped_kv: K/V of the step, no compute
+            attn = self.self_attn
+            qkv, _ = attn.qkv_proj(self.input_layernorm(stream))
+            q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+            _, k = attn.rotary_emb(positions, q, k)
+            self.planner.write_kv(k, v)
+            plan = None
         if plan is None:  # no token of the step computes this layer
             return stream, torch.zeros_like(stream)
         x = stream[plan.index]
@@ -219,3 +228,15 @@ class LlamaModForCausalLM(VllmLlamaForCausalLM):
     def routed_layers(self) -> list[LlamaModDecoderLayer]:
         """This rank's routed layers (each ``planner.last_kept_per_request`` after a step)."""
         return [m for m in self.model.layers if getattr(m, "routed", False)]
+
+
+def kept_token_counts(model) -> dict[int, tuple[int, int]]:
+    """``{layer: (tokens computed, tokens seen)}`` of a served model's routed layers since start.
+
+    For ``LLM.apply_model(kept_token_counts)``: what the engine's routed layers computed, to
+    compare with the HF model's router statistics or to report c_eff.
+    """
+    return {
+        layer.layer_idx: (layer.planner.kept_tokens, layer.planner.seen_tokens)
+        for layer in model.routed_layers()
+    }
