@@ -35,8 +35,8 @@ def _build(out, seed=0, **mod) -> LlamaModForCausalLM:
         vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-        mod_routed_layers=[1, 2, 3], mod_router_input="rms_normed", mod_keep_first_token=True,
-        **mod,
+        **{"mod_routed_layers": [1, 2, 3], "mod_router_input": "rms_normed",
+           "mod_keep_first_token": True, **mod},
     )  # fmt: skip
     model = LlamaModForCausalLM(config).eval()
     with torch.no_grad():
