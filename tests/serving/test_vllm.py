@@ -34,7 +34,7 @@ def _build(out, seed=0, **mod) -> LlamaModForCausalLM:
     config = LlamaModConfig(
         vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=None, eos_token_id=None, tie_word_embeddings=False,
         **{"mod_routed_layers": [1, 2, 3], "mod_router_input": "rms_normed",
            "mod_keep_first_token": True, **mod},
     )  # fmt: skip
