@@ -237,7 +237,10 @@ def load_dense(args) -> tuple[torch.nn.Module, object | None, str]:
 
 def _llama_fields(config) -> dict:
     cfg = config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
+    # quantization_config: a GGUF checkpoint is dequantized on load; its twins are plain fp32.
+    dropped = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path",
+               "quantization_config")  # fmt: skip
+    for key in dropped:
         cfg.pop(key, None)
     return {k: v for k, v in cfg.items() if not k.startswith("mod_")}
 

@@ -63,8 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--memory-fraction",
         type=float,
-        default=0.05,
-        help="vLLM's --gpu-memory-utilization per engine (on CPU: of host memory)",
+        default=0.12,
+        help="vLLM's --gpu-memory-utilization per engine (on CPU: of host memory; it must\n"
+        "cover the engine's own weights and buffers, ~1.7 GiB for SmolLM2 fp32, plus its KV)",
     )
     p.add_argument("--seed", type=int, default=1234, help="router initialisation seed")
     p.add_argument("--work", default=None, help="where the model directories go (default: tmp)")
@@ -91,13 +92,15 @@ def prepare_models(args, work: Path) -> tuple[Path, dict[float, Path], list[list
     calib = tokens[: args.calib_tokens][None]
     rest = tokens[args.calib_tokens :].tolist()
     prompts = [rest[i * args.context : (i + 1) * args.context] for i in range(args.prompts)]
+    mod = bi.mod_twin(dense, "every_other", args.threshold, args.seed)
     dense_dir = work / "dense"
     if not dense_dir.is_dir():
+        # Saved from the MoD twin's tensors: a plain fp32 LLaMA (the GGUF one keeps its
+        # quantization config, which vLLM would try to honour).
         tmp = work / ".dense.tmp"
-        dense.save_pretrained(tmp, safe_serialization=True)
+        bi.dense_twin(mod).save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         os.replace(tmp, dense_dir)
-    mod = bi.mod_twin(dense, "every_other", args.threshold, args.seed)
     exports = {}
     for kept in args.kept:
         out = work / f"mod_kept{kept:g}"
