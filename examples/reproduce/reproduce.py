@@ -557,10 +557,12 @@ def run_variant(ctx: Context, name: str, results: dict) -> dict:
     t0 = time.perf_counter()
     base = ctx.work / "base"
     record: dict = {"name": name, "label": LABELS[name]}
-    # The baselines match the c_eff MoDification reached: (a)'s, else (g)'s.
-    a_ceff = results.get("a_modification", {}).get("c_eff")
-    if a_ceff is None:
-        a_ceff = results.get("g_calibrated", {}).get("c_eff")
+    # The baselines match the c_eff MoDification reached: (a)'s, else (g)'s, else (h)'s.
+    a_ceff = next(
+        (results[n]["c_eff"] for n in ("a_modification", "g_calibrated", "h_calibrated_skipped_kv")
+         if results.get(n, {}).get("c_eff") is not None),
+        None,
+    )  # fmt: skip
     if name == "base":
         hf = base
         record["settings"] = {"trained": "no"}
@@ -625,7 +627,10 @@ def run_variant(ctx: Context, name: str, results: dict) -> dict:
                               "router_init_std": b.router_init_std}  # fmt: skip
     elif name == "c_shortgpt":
         if a_ceff is None:
-            raise ReproduceError("c_shortgpt needs a_modification's (or g_calibrated's) c_eff")
+            raise ReproduceError(
+                "c_shortgpt needs the c_eff of a_modification, g_calibrated or "
+                "h_calibrated_skipped_kv: run one of them first (or with it, --only)"
+            )
         from megatron_mod.hf.prune import prune_hf_llama
 
         pruned = ctx.work / "variants" / name / "pruned_hf"
@@ -829,6 +834,13 @@ def main(argv=None) -> int:
     budget = BUDGETS[args.budget]
     if args.train_iters:
         budget = replace(budget, train_iters=args.train_iters)
+        if budget.target_warmup >= budget.train_iters:
+            # The compute target must be reached inside the run, or the variant is measured
+            # at a c_eff nobody asked for.
+            warmup = max(1, budget.train_iters // 2)
+            log(f"note: --train-iters {budget.train_iters} <= the profile's target warm-up "
+                f"{budget.target_warmup}: warm-up set to {warmup} steps")  # fmt: skip
+            budget = replace(budget, target_warmup=warmup)
     suffix = ""
     if args.target_compute is not None:
         if not 0.0 < args.target_compute <= 1.0:
