@@ -829,8 +829,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def budget_of(args: argparse.Namespace) -> tuple[Budget, str]:
+    """The profile with the command line's overrides, and the work-dir/results suffix they imply.
+
+    Raises:
+        ValueError: an override is out of range.
+    """
     budget = BUDGETS[args.budget]
     if args.train_iters:
         budget = replace(budget, train_iters=args.train_iters)
@@ -844,16 +848,24 @@ def main(argv=None) -> int:
     suffix = ""
     if args.target_compute is not None:
         if not 0.0 < args.target_compute <= 1.0:
-            print("error: --target-compute must be in (0, 1]", file=sys.stderr)
-            return 2
+            raise ValueError("--target-compute must be in (0, 1]")
         budget = replace(budget, target_compute=args.target_compute)
         suffix = f"_c{round(args.target_compute * 100):03d}"
     if args.alpha is not None:
         if args.alpha < 0:
-            print("error: --alpha must be >= 0", file=sys.stderr)
-            return 2
+            raise ValueError("--alpha must be >= 0")
         budget = replace(budget, alpha=args.alpha)
         suffix += f"_a{args.alpha:g}"
+    return budget, suffix
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        budget, suffix = budget_of(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if budget.device == "cuda":
         import torch
 

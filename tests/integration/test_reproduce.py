@@ -15,7 +15,7 @@ from tests.helpers.subprocess_utils import REPO, subprocess_env
 
 sys.path.insert(0, str(REPO / "examples" / "reproduce"))
 
-from reproduce import topk_capacity  # noqa: E402
+from reproduce import BUDGETS, budget_of, parse_args, topk_capacity  # noqa: E402
 
 
 def _run(work: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -33,6 +33,18 @@ def test_topk_capacity_matches_c_eff():
     cap = topk_capacity(0.8, 4, 2)
     assert (4 - 2 + 2 * cap) / 4 == pytest.approx(0.8)
     assert topk_capacity(0.3, 4, 2) == 0.01  # below what the layout allows: the smallest capacity
+
+
+def test_short_run_reaches_its_compute_target_inside_the_run():
+    # The cpu profile anneals over 50 steps: a 40-step run would end above its target.
+    budget, suffix = budget_of(parse_args(["--budget", "cpu", "--train-iters", "40",
+                                           "--target-compute", "0.7"]))  # fmt: skip
+    assert (budget.train_iters, budget.target_warmup, budget.target_compute) == (40, 20, 0.7)
+    assert suffix == "_c070"
+    long_run, _ = budget_of(parse_args(["--budget", "cpu", "--train-iters", "200"]))
+    assert long_run.target_warmup == BUDGETS["cpu"].target_warmup
+    with pytest.raises(ValueError, match="target-compute"):
+        budget_of(parse_args(["--budget", "cpu", "--target-compute", "1.5"]))
 
 
 def _heldout_loss(model_dir: Path, heldout: Path, seq: int, count: int) -> float:
