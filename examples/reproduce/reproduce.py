@@ -741,14 +741,20 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _routed_layers_of(kept_per_step: list[dict]) -> list[str]:
+    """The routed layers named in a variant's per-step kept fractions, in layer order."""
+    return sorted({k for m in kept_per_step for k in m if k != "step"}, key=int)
+
+
 def plot_kept_over_training(rows: list[dict], title: str, path: Path) -> bool:
     """One panel per routed variant: each routed layer's kept fraction at every training step.
 
     Returns:
         False when no variant recorded per-step kept fractions (nothing written).
     """
-    series = [r for r in rows if r.get("status") == "done" and r.get("train", {}).get(
-        "kept_per_step")]  # fmt: skip
+    # Layer-removal and dense variants record steps with no routed layer: no panel for them.
+    series = [r for r in rows if r.get("status") == "done" and _routed_layers_of(
+        r.get("train", {}).get("kept_per_step", []))]  # fmt: skip
     if not series:
         return False
     import matplotlib
@@ -759,7 +765,7 @@ def plot_kept_over_training(rows: list[dict], title: str, path: Path) -> bool:
     fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 4), squeeze=False)
     for ax, r in zip(axes[0], series):
         steps = r["train"]["kept_per_step"]
-        layers = sorted({k for m in steps for k in m if k != "step"}, key=int)
+        layers = _routed_layers_of(steps)
         for layer in layers:
             ax.plot([m["step"] for m in steps], [m.get(layer) for m in steps], lw=1,
                     label=f"layer {layer}")  # fmt: skip
@@ -767,8 +773,8 @@ def plot_kept_over_training(rows: list[dict], title: str, path: Path) -> bool:
         ax.set_xlabel("training step")
         ax.set_ylabel("kept fraction")
         ax.set_ylim(-0.02, 1.02)
-    if len(layers) <= 16:
-        axes[0][-1].legend(fontsize=6, ncol=2)
+        if len(layers) <= 16:
+            ax.legend(fontsize=6, ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
