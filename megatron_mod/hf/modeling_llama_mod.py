@@ -41,6 +41,22 @@ except ImportError:  # transformers 4.x initialises only the missing tensors
 
 from .configuration_llama_mod import LlamaModConfig
 
+# transformers >= 5.23 renamed the cache argument and output field ``past_key_values`` to
+# ``cache`` (the old name still works, with a deprecation warning); generate() passes the cache
+# back under the new name. The model accepts both names and returns the cache under the name
+# of the installed version, so that generate() feeds it back on every step.
+_CACHE_FIELD = (
+    "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
+    else "past_key_values"
+)  # fmt: skip
+
+
+def _cache_argument(past_key_values, kwargs: dict):
+    """The cache passed under either name (``past_key_values`` or ``cache``)."""
+    cache = kwargs.pop("cache", None)
+    return past_key_values if past_key_values is not None else cache
+
+
 __all__ = [
     "LlamaModCache",
     "LlamaModCausalLMOutput",
@@ -814,6 +830,7 @@ class LlamaModModel(LlamaModPreTrainedModel):
         """
         config = self.config
         return_dict = config.return_dict if return_dict is None else return_dict
+        past_key_values = _cache_argument(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -906,9 +923,9 @@ class LlamaModModel(LlamaModPreTrainedModel):
             cache._end(seq, real)
         output = LlamaModModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=cache if use_cache else None,
             hidden_states=all_hidden,
             router_stats=stats,
+            **{_CACHE_FIELD: cache if use_cache else None},
         )
         return output if return_dict else output.to_tuple()
 
@@ -1008,7 +1025,7 @@ class LlamaModForCausalLM(LlamaModPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=_cache_argument(past_key_values, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -1027,9 +1044,9 @@ class LlamaModForCausalLM(LlamaModPreTrainedModel, GenerationMixin):
         output = LlamaModCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             router_stats=outputs.router_stats,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
         )
         return output if return_dict else output.to_tuple()
 
@@ -1043,6 +1060,7 @@ class LlamaModForCausalLM(LlamaModPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> dict[str, Any]:
         """Feed only the tokens the MoD cache has not seen; positions come from the mask."""
+        past_key_values = _cache_argument(past_key_values, kwargs)
         if past_key_values is not None and not isinstance(past_key_values, LlamaModCache):
             if past_key_values.get_seq_length() == 0:
                 past_key_values = None

@@ -337,6 +337,27 @@ def test_greedy_generate_with_mod_cache_equals_recompute_and_cache_holds_kept_to
     assert (counts < torch.tensor([[9 + steps - 1], [4 + steps - 1]]).T).all()  # tokens skipped
 
 
+def test_generate_feeds_its_cache_back_one_token_per_step():
+    """generate() must hand the MoD cache back to every step, whatever transformers calls it.
+
+    Recomputing the whole sequence each step gives the same tokens, so only the inputs tell.
+    """
+    model = _model(seed=8, mod_routed_layers=[1, 2, 3])
+    ids, mask = _tokens([9, 4], seed=9)
+    fed, forward = [], model.forward
+
+    def recording_forward(*args, **kwargs):
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        fed.append((kwargs["input_ids"].shape[1], type(cache).__name__))
+        return forward(*args, **kwargs)
+
+    model.forward = recording_forward
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert fed[0][0] == ids.shape[1]
+    assert fed[1:] == [(1, "LlamaModCache")] * 3, fed
+
+
 def test_a_decode_step_syncs_the_host_at_most_once_per_layer():
     """Each layer reads its kept counts once; the cache plans from its host copy of lengths."""
     from tests.helpers.host_syncs import HostSyncCounter
