@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,12 +25,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.subprocess_utils import REPO, free_port, subprocess_env
+
 pytest.importorskip("vllm")
 torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 NEW_TOKENS = 12
 TARGET_COMPUTE = 0.85
 SERVER_START_TIMEOUT_S = 600
@@ -43,8 +43,9 @@ def _train_python() -> Path | None:
 
 
 def _run(cmd: list, log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
+    env = dict(subprocess_env(threads), HF_HUB_DISABLE_PROGRESS_BARS="1",
+               TOKENIZERS_PARALLELISM="false")  # fmt: skip
     with log.open("a") as out:
         proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, stdout=out,
                               stderr=subprocess.STDOUT)  # fmt: skip
@@ -97,12 +98,6 @@ def _hf_greedy(model, prompts: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict, timeout: float = 300) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})  # fmt: skip
@@ -112,9 +107,9 @@ def _post(url: str, body: dict, timeout: float = 300) -> dict:
 
 @pytest.fixture(scope="module")
 def server(calibrated_export, tmp_path_factory):
-    """vLLM's OpenAI API server on the export: (base URL, model name, log path)."""
+    """vLLM's OpenAI API server on the export: (base URL, model name)."""
     model_dir, _ = calibrated_export
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--dtype", "float32", "--max-model-len", "512", "--port", str(port),
@@ -140,7 +135,7 @@ def server(calibrated_export, tmp_path_factory):
                 pytest.fail(f"the server did not start in {SERVER_START_TIMEOUT_S} s:\n"
                             f"{log.read_text()[-4000:]}")  # fmt: skip
             time.sleep(2)
-        yield base, str(model_dir), log
+        yield base, str(model_dir)
     finally:
         os.killpg(proc.pid, 15)
         try:
@@ -154,7 +149,7 @@ def test_openai_completions_equal_the_hf_export_greedy(calibrated_export, server
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir, heldout = calibrated_export
-    base, name, log = server
+    base, name = server
     config = json.loads((model_dir / "config.json").read_text())
     assert config["architectures"] == ["LlamaModForCausalLM"]
     assert config["mod_routed_layers"], "the calibration chose routed layers"
